@@ -383,7 +383,8 @@ class NLDConfig:
             vision = VisionConfig.from_dict(d["vision_config"], path)
             act = _opt(d, "projector_hidden_act", str, "gelu", "", path)
             if act not in ("gelu", "silu"):
-                raise ConfigError(f"unsupported 'projector_hidden_act' {act!r}", field="projector_hidden_act", path=path)
+                raise ConfigError(f"unsupported 'projector_hidden_act' {act!r}", field="projector_hidden_act",
+                                  path=path)
             vfl = _opt(d, "vision_feature_layer", int, -1, "", path)
             if not -(vision.num_hidden_layers + 1) <= vfl <= vision.num_hidden_layers:
                 raise ConfigError(f"'vision_feature_layer' {vfl} is out of range for "
@@ -400,8 +401,8 @@ class NLDConfig:
             )
             _positive(kw["spatial_merge_size"], "spatial_merge_size", path)
             if kw["multimodal_projector_bias"]:
-                raise ConfigError("'multimodal_projector_bias' true is not supported", field="multimodal_projector_bias",
-                                  path=path)
+                raise ConfigError("'multimodal_projector_bias' true is not supported",
+                                  field="multimodal_projector_bias", path=path)
             if preprocessor is not None:
                 pre = PreprocessorConfig.from_dict(preprocessor, path)
                 if pre.patch_size != vision.patch_size:

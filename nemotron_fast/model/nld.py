@@ -1,0 +1,189 @@
+"""Our compact Nemotron-Labs-Diffusion model: the Ministral-3 backbone with an untied ``diffusion_head``, and for
+the VLM the Pixtral tower and Mistral3 projector. Module names equal the checkpoint keys.
+
+Two attention modes share one code path over a preallocated :class:`KVCache`:
+- ``causal`` (prefill, commit): each new token attends to the valid cached prefix and to earlier new tokens;
+  the new K/V stay in the cache.
+- ``diffusion`` (denoise step): the block attends bidirectionally to the valid prefix and to itself. Its K/V
+  are written to the scratch slots after the prefix and are overwritten by the commit, so the committed cache
+  is never changed by a denoise step.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import NLDConfig, load_config
+from .cache import KVCache
+from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .vision import MultiModalProjector, PixtralVisionTower
+from .weights import load_state_dict_strict
+
+__all__ = ["NLDModel", "load"]
+
+Mode = Literal["causal", "diffusion"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: NLDConfig) -> None:
+        super().__init__()
+        t = cfg.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(t) for _ in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        if cfg.vision is not None:
+            self.vision_tower = PixtralVisionTower(cfg.vision, cfg.vision_feature_layer)
+            self.multi_modal_projector = MultiModalProjector(cfg)
+
+
+class NLDModel(nn.Module):
+    """The model. ``checkpoint_path`` is set by :func:`load`; ``processor`` loads the tokenizer lazily."""
+
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = _Encoder(config)
+        self.diffusion_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.text)
+        self.checkpoint_path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    @cached_property
+    def processor(self) -> Any:
+        """The checkpoint's :class:`nemotron_fast.processing.Processor` (tokenizer, chat template, images)."""
+        from ..processing import Processor
+
+        if self.checkpoint_path is None:
+            raise RuntimeError("this model was not loaded from a checkpoint directory; it has no tokenizer")
+        return Processor.from_pretrained(self.checkpoint_path, self.config)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, H, W], image_sizes int64 [n, 2] -> projected features [N_merged, hidden]."""
+        if self.config.vision is None:
+            raise ValueError("this checkpoint has no vision tower; pixel_values are not accepted")
+        feats = self.encoder.vision_tower(pixel_values.to(self.device), image_sizes)
+        return self.encoder.multi_modal_projector(feats, image_sizes)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_sizes: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids int64 [B, T] -> embeddings [B, T, hidden], image features placed at the image-token ids."""
+        embeds = self.encoder.embed_tokens(input_ids)
+        if pixel_values is None and image_features is None:
+            return embeds
+        if image_features is None:
+            if image_sizes is None:
+                raise ValueError("pixel_values need image_sizes")
+            image_features = self.image_features(pixel_values, image_sizes)
+        slots = input_ids == self.config.image_token_id
+        n_slots, n_feats = int(slots.sum()), image_features.shape[0]
+        if n_slots != n_feats:
+            raise ValueError(f"the prompt has {n_slots} image tokens but the images give {n_feats} features")
+        return embeds.masked_scatter(slots.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    # ---- forwards ------------------------------------------------------------------------------------------
+    def forward_hidden(self, embeds: torch.Tensor, *, cache: KVCache | None = None, start: int = 0,
+                       mode: Mode = "causal", attn_mask: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the backbone; returns the final-normed hidden states [B, T, hidden].
+
+        With ``cache``: the T tokens occupy slots ``[start, start + T)``; masks and positions follow from the
+        cache's per-row padding and ``mode``. Without a cache (training): ``attn_mask`` bool [B, 1, T, T]
+        (True = attend; None = causal) and ``positions`` int64 [B, T] (default ``arange(T)``).
+        """
+        b, t, _ = embeds.shape
+        dev = embeds.device
+        if cache is not None:
+            if start + t > cache.max_len:
+                raise ValueError(f"cache overflow: slots {start}..{start + t} exceed max_len {cache.max_len}")
+            slots = start + torch.arange(t, device=dev)
+            positions = slots[None, :] - cache.pad[:, None]
+            attn_mask = self._cache_mask(cache, start, t, mode)
+        else:
+            if positions is None:
+                positions = torch.arange(t, device=dev)[None].expand(b, t)
+            if attn_mask is None:
+                attn_mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None]
+        rope = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.encoder.layers):
+            x = layer(x, rope, attn_mask, cache.layer(i) if cache is not None else None, start)
+        return self.encoder.norm(x)
+
+    @staticmethod
+    def _cache_mask(cache: KVCache, start: int, t: int, mode: Mode) -> torch.Tensor | None:
+        """bool [B, 1, T, start + T] or None when every key may be attended to."""
+        dev = cache.k.device
+        keys = torch.arange(start + t, device=dev)
+        mask = None
+        if mode == "causal" and t > 1:
+            mask = (keys[None, :] <= (start + torch.arange(t, device=dev))[:, None])[None, None]
+        if cache.has_pad:
+            valid = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]
+            mask = valid if mask is None else mask & valid
+        return mask
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden] -> logits [..., vocab] in the model dtype."""
+        return self.diffusion_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cache-free forward for training and checks: logits [B, T, vocab] (causal unless ``attn_mask``)."""
+        return self.head(self.forward_hidden(self.embed(input_ids, pixel_values, image_sizes), attn_mask=attn_mask))
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """A zeroed cache for this model's dtype and device."""
+        return KVCache.allocate(self.config.text, batch, max_len, dtype=self.dtype, device=self.device, pad=pad)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_buffers"):
+                m.reset_buffers(device)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NLDConfig) -> torch.dtype:
+    if dtype is None:
+        dtype = cfg.dtype or "float32"
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r} (use one of {sorted(_DTYPES)})")
+        return _DTYPES[key]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return dtype
+
+
+def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> NLDModel:
+    """Load a checkpoint directory (config files + safetensors) into an :class:`NLDModel` in eval mode.
+
+    ``dtype`` defaults to the config's ``dtype`` (bf16 for the real checkpoints). The modules are built on the
+    meta device and the checkpoint tensors are assigned directly, so no random init is ever computed.
+    """
+    cfg = load_config(path)
+    dt = _resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = NLDModel(cfg)
+    load_state_dict_strict(model, path, device=device, dtype=dt)
+    model.reset_buffers(device)
+    model.checkpoint_path = str(Path(path).resolve())
+    return model.eval().requires_grad_(False)
