@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NemotronFastError", "ConfigError", "CheckpointError", "InputValidationError", "ImageError"]
+__all__ = ["NemotronFastError", "ConfigError", "CheckpointError", "InputValidationError", "ImageError", "Cancelled"]
 
 
 class NemotronFastError(Exception):
@@ -54,3 +54,7 @@ class ImageError(InputValidationError):
 
     def __init__(self, msg: str, type_: str = "image_error") -> None:
         super().__init__([{"loc": ["body", "image_url"], "msg": msg, "type": type_}])
+
+
+class Cancelled(NemotronFastError):
+    """A request was cancelled; generation stopped after the block in flight."""

@@ -114,7 +114,8 @@ class NLDModel(nn.Module):
             if start + t > cache.max_len:
                 raise ValueError(f"cache overflow: slots {start}..{start + t} exceed max_len {cache.max_len}")
             slots = start + torch.arange(t, device=dev)
-            positions = slots[None, :] - cache.pad[:, None]
+            # padded slots get position 0 (negative positions would hit log(0) in the Llama-4 query scale)
+            positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)
             attn_mask = self._cache_mask(cache, start, t, mode)
         else:
             if positions is None:
@@ -132,11 +133,14 @@ class NLDModel(nn.Module):
         """bool [B, 1, T, start + T] or None when every key may be attended to."""
         dev = cache.k.device
         keys = torch.arange(start + t, device=dev)
+        queries = start + torch.arange(t, device=dev)
         mask = None
         if mode == "causal" and t > 1:
-            mask = (keys[None, :] <= (start + torch.arange(t, device=dev))[:, None])[None, None]
+            mask = (keys[None, :] <= queries[:, None])[None, None]
         if cache.has_pad:
             valid = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]
+            # a padded query sees only itself: its row must not be empty, or NaN would reach the cached V
+            valid = valid | (keys[None, :] == queries[:, None])[None, None]
             mask = valid if mask is None else mask & valid
         return mask
 
