@@ -1,0 +1,350 @@
+"""The slow, faithful twin: an NLD checkpoint wired into transformers' own Ministral-3 / Pixtral / Mistral-3 modules.
+
+This is the ground truth the fast path is checked against, so it uses upstream building blocks the way the
+upstream remote code does: a ``Ministral3Model`` backbone (YaRN RoPE + Llama-4 query scaling come from
+transformers), a ``PixtralVisionModel`` tower and a ``Mistral3MultiModalProjector`` attached under ``encoder``,
+and an untied ``diffusion_head``. The module tree mirrors the checkpoint's key names exactly, so loading is a
+strict ``load_state_dict`` after an explicit key/shape check.
+
+Attention modes (see ``spec/nld-model.md``):
+
+- causal (prefill, block commit): :meth:`TwinModel.causal_forward` writes the block's K/V to the cache;
+- diffusion (denoise step): :meth:`TwinModel.diffusion_forward` lets the block attend to the whole cached prefix
+  and to itself with no mask, at positions ``past_len + arange(L)``, and leaves the cache as it found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import NLDConfig, load_config
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, Ministral3Config, Mistral3Config, PixtralVisionConfig
+
+__all__ = ["TwinModel", "load_twin", "build_text_config", "build_vision_config", "build_projector_config",
+           "read_safetensors", "check_keys"]
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+_ATTN_IMPLS = ("eager", "sdpa")
+
+
+def build_text_config(cfg: NLDConfig, attn_implementation: str = "eager") -> Ministral3Config:
+    """A transformers ``Ministral3Config`` equivalent to ``cfg``'s text backbone.
+
+    Llama-4 query scaling is always switched on in transformers' attention; when the checkpoint has none, beta 0
+    makes the scale exactly 1.
+    """
+    from transformers import Ministral3Config
+
+    t = cfg.text
+    rope = t.rope.to_dict()
+    if rope.get("llama_4_scaling_beta") is None:
+        rope["llama_4_scaling_beta"] = 0.0
+    rope.setdefault("original_max_position_embeddings", t.max_position_embeddings)
+    return Ministral3Config(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        head_dim=t.head_dim,
+        hidden_act=t.hidden_act,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids),
+        tie_word_embeddings=False,
+        rope_parameters=rope,
+        sliding_window=None,
+        attn_implementation=attn_implementation,
+    )
+
+
+def build_vision_config(cfg: NLDConfig, attn_implementation: str = "eager") -> PixtralVisionConfig:
+    """A transformers ``PixtralVisionConfig`` for ``cfg.vision``."""
+    from transformers import PixtralVisionConfig
+
+    v = cfg.vision
+    if v is None:
+        raise ValueError("build_vision_config needs a VLM config (vision_config is missing)")
+    return PixtralVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        num_channels=v.num_channels,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        hidden_act=v.hidden_act,
+        rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+        attn_implementation=attn_implementation,
+    )
+
+
+def build_projector_config(cfg: NLDConfig, text_config: Ministral3Config,
+                           vision_config: PixtralVisionConfig) -> Mistral3Config:
+    """The ``Mistral3Config`` that ``Mistral3MultiModalProjector`` reads its sizes and activation from.
+
+    Its attention implementation is the text config's: constructing it propagates that value to both sub-configs.
+    """
+    from transformers import Mistral3Config
+
+    return Mistral3Config(
+        attn_implementation=text_config._attn_implementation,
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=cfg.image_token_id,
+        projector_hidden_act=cfg.projector_hidden_act,
+        vision_feature_layer=cfg.vision_feature_layer,
+        multimodal_projector_bias=cfg.multimodal_projector_bias,
+        spatial_merge_size=cfg.spatial_merge_size,
+    )
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Skip random initialisation (every parameter is overwritten by the checkpoint)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        yield
+        return
+    with no_init_weights():
+        yield
+
+
+class TwinModel(nn.Module):
+    """NLD (text or VLM) built from transformers modules; module names match the checkpoint keys.
+
+    ``encoder`` is a ``Ministral3Model`` (``embed_tokens``, ``layers``, ``norm``) that, for the VLM, also holds
+    ``vision_tower`` (``PixtralVisionModel``) and ``multi_modal_projector`` (``Mistral3MultiModalProjector``), as
+    in the upstream module layout. ``diffusion_head`` is ``Linear(hidden, vocab, bias=False)``.
+    """
+
+    #: Marks objects the reference sampler may drive directly (test fakes set it too).
+    is_reference_twin = True
+
+    def __init__(self, config: NLDConfig, attn_implementation: str = "eager") -> None:
+        super().__init__()
+        from transformers import Ministral3Model
+
+        if attn_implementation not in _ATTN_IMPLS:
+            raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLS}, got {attn_implementation!r}")
+        self.config = config
+        self.attn_implementation = attn_implementation
+        self.text_config = build_text_config(config, attn_implementation)
+        if config.is_vlm:
+            # All configs first: building the Mistral3Config rewrites its sub-configs' attention implementation.
+            self.vision_config = build_vision_config(config, attn_implementation)
+            self.projector_config = build_projector_config(config, self.text_config, self.vision_config)
+        self.encoder = Ministral3Model(self.text_config)
+        if config.is_vlm:
+            from transformers import PixtralVisionModel
+            from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+            self.encoder.vision_tower = PixtralVisionModel(self.vision_config)
+            self.encoder.multi_modal_projector = Mistral3MultiModalProjector(self.projector_config)
+        self.diffusion_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    def new_cache(self) -> DynamicCache:
+        """An empty ``DynamicCache`` for one generation."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.text_config)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Projected image features ``[n_tokens, hidden]`` (model dtype) for ``pixel_values`` ``[n, 3, H, W]`` and
+        ``image_sizes`` ``[n, 2]`` (pixels, long): tower hidden state at ``vision_feature_layer``, then the
+        projector on the squeezed features, as upstream."""
+        if not self.config.is_vlm:
+            raise ValueError("pixel_values were given but this checkpoint has no vision tower (text-only NLD)")
+        tower = self.encoder.vision_tower
+        out = tower(pixel_values.to(device=self.device, dtype=self.dtype), image_sizes=image_sizes,
+                    output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]
+        return self.encoder.multi_modal_projector(feats.squeeze(0), image_sizes)
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings ``[B, S, hidden]`` (model dtype) for ``input_ids`` ``[B, S]``; with ``pixel_values`` the
+        image features replace the embeddings at the image-token positions (row-major over the batch)."""
+        embeds = self.encoder.embed_tokens(input_ids.to(self.device))
+        if pixel_values is None:
+            return embeds
+        if image_sizes is None:
+            n, _, h, w = pixel_values.shape
+            image_sizes = torch.tensor([[h, w]] * n, dtype=torch.long)
+        image_sizes = image_sizes.to(device=self.device, dtype=torch.long)
+        feats = self.image_features(pixel_values, image_sizes)
+        is_image = input_ids.to(self.device) == self.config.image_token_id
+        n_tokens = int(is_image.sum())
+        if n_tokens != feats.shape[0]:
+            raise ValueError(f"image features and image tokens do not match: {n_tokens} image tokens "
+                             f"(id {self.config.image_token_id}) in input_ids, {feats.shape[0]} features from "
+                             f"pixel_values {tuple(pixel_values.shape)} with image_sizes {image_sizes.tolist()}")
+        return embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), feats.to(embeds.dtype))
+
+    def _positions(self, cache: DynamicCache, length: int) -> tuple[int, torch.Tensor]:
+        past = cache.get_seq_length()
+        return past, (past + torch.arange(length, device=self.device)).unsqueeze(0)
+
+    @torch.no_grad()
+    def causal_forward(self, inputs_embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Causal forward of ``inputs_embeds`` ``[B, S, hidden]`` after the cached prefix; appends its K/V to
+        ``cache``. Returns logits ``[B, S, vocab]`` in the model dtype (``logits[i]`` predicts token ``i + 1``)."""
+        _, pos = self._positions(cache, inputs_embeds.shape[1])
+        out = self.encoder(inputs_embeds=inputs_embeds, position_ids=pos, past_key_values=cache, use_cache=True)
+        return self.diffusion_head(out.last_hidden_state)
+
+    @torch.no_grad()
+    def diffusion_forward(self, inputs_embeds_block: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Diffusion-mode forward of one block ``[B, L, hidden]``: every block token attends to the whole cached
+        prefix and to the whole block (no mask), at positions ``past_len + arange(L)``. The cache is left as it
+        was (the block's K/V are appended for the call, then cropped off). Returns unshifted logits
+        ``[B, L, vocab]`` in the model dtype (``logits[i]`` predicts token ``i``)."""
+        b, length = inputs_embeds_block.shape[:2]
+        past, pos = self._positions(cache, length)
+        # An explicit 4-D additive mask of zeros: transformers uses a prepared 4-D mask as-is, so nothing is masked.
+        full = torch.zeros(b, 1, length, past + length, dtype=inputs_embeds_block.dtype, device=self.device)
+        try:
+            out = self.encoder(inputs_embeds=inputs_embeds_block, attention_mask=full, position_ids=pos,
+                               past_key_values=cache, use_cache=True)
+        finally:
+            grown = cache.get_seq_length() - past
+            if grown > 0:
+                cache.crop(-grown)
+        return self.diffusion_head(out.last_hidden_state)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NLDConfig) -> torch.dtype:
+    if dtype is None:
+        dtype = cfg.dtype or "float32"
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r} (supported: {sorted(_DTYPES)})")
+        dtype = _DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+def _shard_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    single = root / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        files = [root / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f.name) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} names shard files that do not exist in {root}: {missing}")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {root}")
+
+
+def read_safetensors(path: str | Path, *, shapes_only: bool = False) -> dict[str, torch.Tensor | torch.Size]:
+    """Every tensor of the checkpoint in ``path`` (single file or sharded via ``model.safetensors.index.json``),
+    or only their shapes when ``shapes_only``. A key stored twice, or an index entry pointing at a shard without
+    that key, raises :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    files = _shard_files(root)
+    index = root / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
+    out: dict[str, torch.Tensor | torch.Size] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in out:
+                        raise CheckpointError(f"tensor '{key}' is stored in more than one shard ({f.name})")
+                    if weight_map is not None and weight_map.get(key) != f.name:
+                        raise CheckpointError(f"tensor '{key}' in {f.name} is not mapped to that file by "
+                                              f"{index.name} (maps to {weight_map.get(key)!r})")
+                    if shapes_only:
+                        out[key] = torch.Size(handle.get_slice(key).get_shape())
+                    else:
+                        out[key] = handle.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read {f}: {exc}") from exc
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(out))
+        if absent:
+            raise CheckpointError(f"{index.name} lists tensors missing from their shards: {_short(absent)}")
+    return out
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})"
+                       for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {_short(misshaped)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+def load_twin(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
+              attn_implementation: str = "eager") -> TwinModel:
+    """Load the checkpoint in ``path`` into a :class:`TwinModel` on ``device``.
+
+    ``dtype`` defaults to the checkpoint's ``config.json`` dtype (float32 when absent). Keys and shapes are
+    checked strictly before loading: any missing, unexpected or mis-shaped tensor raises
+    :class:`~nemotron_fast.errors.CheckpointError` naming it.
+    """
+    cfg = load_config(path)
+    dt = _resolve_dtype(dtype, cfg)
+    found = read_safetensors(path, shapes_only=True)
+    with _skip_init():
+        model = TwinModel(cfg, attn_implementation)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_keys(expected, found)  # type: ignore[arg-type]
+    # Parameters take the model dtype; buffers (RoPE inverse frequencies) stay fp32, as with from_pretrained.
+    model.to(device=device)
+    for param in model.parameters():
+        param.data = param.data.to(dt)
+    model.load_state_dict(read_safetensors(path), strict=True)
+    model.eval()
+    return model
