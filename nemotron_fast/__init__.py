@@ -1,12 +1,16 @@
 """nemotron_fast: fast, faithful block-diffusion inference for Nemotron-Labs-Diffusion models.
 
-Heavy parts import lazily, so ``import nemotron_fast`` stays cheap.
+The server, the reference sampler and the checking twin import lazily; ``import nemotron_fast`` costs
+about what ``import torch`` costs.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+# Imported eagerly: the submodule ``nemotron_fast.generate`` would otherwise shadow the function of that name.
+from .generate import generate
 
 __version__ = "0.1.0"
 
@@ -25,7 +29,6 @@ __all__ = [
 
 _LAZY = {
     "load": ("nemotron_fast.model", "load"),
-    "generate": ("nemotron_fast.generate", "generate"),
     "Pipeline": ("nemotron_fast.pipeline", "Pipeline"),
     "SamplingPolicy": ("nemotron_fast.sampling", "SamplingPolicy"),
     "GenerationResult": ("nemotron_fast.sampling", "GenerationResult"),

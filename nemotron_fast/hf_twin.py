@@ -327,8 +327,13 @@ def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size]) ->
 
 
 def load_twin(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
-              attn_implementation: str = "eager") -> TwinModel:
+              attn_implementation: str = "sdpa") -> TwinModel:
     """Load the checkpoint in ``path`` into a :class:`TwinModel` on ``device``.
+
+    ``attn_implementation`` defaults to ``"sdpa"``: upstream runs flash-attention, a fused kernel that keeps the
+    attention probabilities in fp32 up to the PV product; transformers' ``"eager"`` rounds them to the model dtype
+    first, which in bf16 changes tokens (measured: 89% bf16 token agreement with our fused path under eager, 100%
+    under sdpa on the parity matrix). In fp32 both agree with our model to 1e-4.
 
     ``dtype`` defaults to the checkpoint's ``config.json`` dtype (float32 when absent). Keys and shapes are
     checked strictly before loading: any missing, unexpected or mis-shaped tensor raises

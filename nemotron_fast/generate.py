@@ -1,0 +1,277 @@
+"""The fast block-diffusion sampler: same tokens, same NFE as :mod:`nemotron_fast.reference`, far less work.
+
+The loop is a handful of named functions over preallocated state (gpt-fast style):
+
+- :func:`prefill` - vision tower + one causal forward over the prompt into a preallocated KV cache; only the
+  last position goes through the head (it gives the first AR seed).
+- :func:`denoise_step` - the block attends to the cache in diffusion mode; its K/V land in the scratch slots
+  after the prefix (no concatenation), and the head runs only where the block is still masked, fused with the
+  confidence/argmax reduction so no softmax over the vocabulary is ever materialised.
+- :func:`select` - forced top-1 + threshold (or even-schedule top-k) reveal, in place, on the device.
+- :func:`commit` - one causal forward over the finished block that overwrites the scratch slots with causal
+  K/V; only the block's last position goes through the head (the next seed).
+
+Ragged batches are left-padded so every row's prefix ends at the same cache slot; padded slots are masked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .kernels.head_confidence import head_confidence_argmax
+from .kernels.select import select_unmask
+from .model import KVCache, NLDModel
+from .sampling import GenerationResult, NoiseSource, SamplingPolicy, gumbel_argmax, resolve_schedule
+
+__all__ = ["generate", "prefill", "denoise_step", "select", "commit", "BlockCallback"]
+
+# Called after each commit with (block index, completion ids so far per row); returning False stops generation.
+BlockCallback = Callable[[int, list[list[int]]], "bool | None"]
+
+
+@dataclass
+class _State:
+    """Preallocated per-call state. ``x`` holds every row's completion (MASK where not yet revealed)."""
+
+    cache: KVCache
+    x: torch.Tensor  # int64 [B, num_blocks * L]
+    prefix_len: int
+    active: torch.Tensor  # bool [B]: rows still generating (only changes under per_row_eos)
+    row_nfe: torch.Tensor  # int64 [B]
+
+
+def _pad_prompts(model: NLDModel, input_ids: torch.Tensor | Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a ragged list of prompts -> (ids int64 [B, P], pad int64 [B])."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, prompt_len] with prompt_len >= 1, "
+                             f"got {tuple(input_ids.shape)}")
+        ids = input_ids.to(model.device, torch.long)
+        return ids, torch.zeros(ids.shape[0], dtype=torch.long, device=model.device)
+    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in input_ids]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise ValueError("input_ids must hold at least one non-empty prompt")
+    p = max(r.numel() for r in rows)
+    fill = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = torch.full((len(rows), p), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, p - r.numel():] = r
+    pad = torch.tensor([p - r.numel() for r in rows], dtype=torch.long)
+    return ids.to(model.device), pad.to(model.device)
+
+
+def _seed_tokens(logits: torch.Tensor, temperature: float, noise: NoiseSource | None,
+                 exclude_id: int | None) -> torch.Tensor:
+    """logits [B, V] -> the next AR token per row (argmax, or a Gumbel sample at T > 0)."""
+    if exclude_id is not None:
+        logits = logits.clone()
+        logits[:, exclude_id] = float("-inf")
+    if temperature > 0:
+        assert noise is not None
+        return gumbel_argmax(logits, temperature, noise.uniform(tuple(logits.shape), logits.device))
+    return logits.argmax(dim=-1)
+
+
+def prefill(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, gen_len: int,
+            image_features: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Causal forward over the (left-padded) prompts into a fresh cache sized for the whole completion.
+
+    ids int64 [B, P], pad int64 [B], image_features [N_img_tokens, hidden] (the vision tower's projected output,
+    computed once by the caller) -> (cache holding the prefix, last-position logits [B, V]).
+    """
+    b, p = ids.shape
+    cache = model.new_cache(b, p + gen_len, pad=pad)
+    embeds = model.embed(ids, image_features=image_features)
+    hidden = model.forward_hidden(embeds, cache=cache, start=0, mode="causal")
+    cache.length = p
+    return cache, model.head(hidden[:, -1])
+
+
+def denoise_step(model: NLDModel, st: _State, block: torch.Tensor, start: int, *, temperature: float,
+                 noise: NoiseSource | None, exclude_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One diffusion forward of the block -> (x0 int64 [B, L], conf [B, L] in the logits dtype, -inf where the
+    position is not masked). The head runs only on masked positions."""
+    mask_id = model.config.mask_token_id
+    is_mask = block == mask_id
+    hidden = model.forward_hidden(model.embed(block), cache=st.cache, start=start, mode="diffusion")
+    b, length = block.shape
+    u = noise.uniform((b, length, model.config.vocab_size), block.device) if temperature > 0 else None
+    rows = is_mask.flatten().nonzero().squeeze(1)
+    x0 = block.clone()
+    conf = torch.full((b, length), float("-inf"), dtype=model.dtype, device=block.device)
+    if rows.numel():
+        flat_u = u.view(b * length, -1)[rows] if u is not None else None
+        tok, c = head_confidence_argmax(hidden.view(b * length, -1)[rows], model.diffusion_head.weight,
+                                        noise_u=flat_u, temperature=temperature, exclude_id=exclude_id)
+        x0.view(-1)[rows] = tok
+        conf.view(-1)[rows] = c.to(conf.dtype)
+    return x0, conf
+
+
+def select(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tensor, mask_id: int, threshold: float | None,
+           k: torch.Tensor, active: torch.Tensor, force_all: bool) -> torch.Tensor:
+    """Reveal in place (forced top-1 + threshold, or exactly ``k[b]`` by confidence) -> revealed bool [B, L]."""
+    return select_unmask(x0, conf, block, block == mask_id, threshold=threshold, k=k, active=active,
+                         force_all=force_all)
+
+
+def _even_k(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
+    """Per row, the even schedule's count for ``step``: n // steps, plus one for the first n % steps steps."""
+    return n_masked // steps + (step < n_masked % steps).long()
+
+
+def commit(model: NLDModel, st: _State, block: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal forward over the finished block, writing its K/V -> logits of its last position [B, V]."""
+    hidden = model.forward_hidden(model.embed(block), cache=st.cache, start=start, mode="causal")
+    st.cache.length = start + block.shape[1]
+    return model.head(hidden[:, -1])
+
+
+def _eos_done(block: torch.Tensor, mask_id: int, eos: torch.Tensor) -> torch.Tensor:
+    """Per row: the block has an EOS with no MASK before its first EOS -> bool [B]."""
+    is_eos = torch.isin(block, eos)
+    before_first = is_eos.int().cumsum(1) == 0
+    return is_eos.any(1) & ~((block == mask_id) & before_first).any(1)
+
+
+@torch.inference_mode()
+def generate(
+    model: NLDModel,
+    input_ids: torch.Tensor | Sequence,
+    pixel_values: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    steps: int | None = None,
+    block_length: int = 32,
+    threshold: float | None = 0.9,
+    temperature: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    policy: SamplingPolicy | None = None,
+    callback: BlockCallback | None = None,
+) -> GenerationResult:
+    """Block-diffusion generation with the fast path; the result equals the reference's for the same call.
+
+    Args:
+        model: an :class:`NLDModel` (see :func:`nemotron_fast.load`).
+        input_ids: int64 [B, T], or a list of 1-D prompts of different lengths (left-padded internally).
+        pixel_values: float [n_images, 3, H, W] for every image of every row, in prompt order; image_sizes
+            int64 [n_images, 2].
+        max_new_tokens: completion length cap; ``ceil(max_new_tokens / block_length)`` blocks are decoded.
+        steps: total denoise steps (a multiple of the block count), or None for ``block_length`` per block.
+        threshold: confidence threshold in [0, 1], or None for the even top-k schedule.
+        temperature: 0 for argmax; > 0 samples with float64 Gumbel noise drawn from ``seed``.
+        eos_token_id: id(s) that end a completion (default: the config's EOS ids).
+        policy: opt-in departures from the reference (default: none).
+        callback: called after each commit; returning False stops generation after that block.
+    Returns:
+        :class:`GenerationResult` with completion ids per row, NFE and the reveal trace.
+    """
+    policy = policy or SamplingPolicy()
+    sched = resolve_schedule(max_new_tokens, block_length, steps)
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    cfg = model.config
+    mask_id, length = cfg.mask_token_id, block_length
+    eos_ids = cfg.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    exclude_id = mask_id if policy.exclude_mask else None
+    noise = NoiseSource(seed) if temperature > 0 else None
+    timings = dict.fromkeys(("vision", "prefill", "denoise", "select", "commit"), 0.0)
+
+    t0 = time.perf_counter()
+    ids, pad = _pad_prompts(model, input_ids)
+    b = ids.shape[0]
+    feats = None
+    if pixel_values is not None:
+        if image_sizes is None:
+            raise ValueError("pixel_values need image_sizes")
+        feats = model.image_features(pixel_values.to(model.device), image_sizes)
+    t1 = time.perf_counter()
+    cache, last = prefill(model, ids, pad, sched.gen_length, feats)
+    dev = ids.device
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
+    st = _State(cache, torch.full((b, sched.gen_length), mask_id, dtype=torch.long, device=dev), ids.shape[1],
+                torch.ones(b, dtype=torch.bool, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
+    seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
+    t2 = time.perf_counter()
+    timings["vision"], timings["prefill"] = t1 - t0, t2 - t1
+    trace: list[list[list[int]]] = []
+    nfe = 0
+    for blk in range(sched.num_blocks):
+        start = st.prefix_len + blk * length
+        block = st.x[:, blk * length:(blk + 1) * length]
+        block[:, 0] = torch.where(st.active, seed_tok, block[:, 0])
+        # rows of this block still denoising; batch-coupled unless per_row_eos
+        stepping = st.active.clone()
+        # the even schedule counts each row's masks at block start (L - 1, or L when the seed itself is MASK)
+        n_masked = (block == mask_id).sum(1)
+        for step in range(sched.steps_per_block):
+            has_mask = (block == mask_id).any(1) & stepping
+            stepping = has_mask if policy.per_row_eos else stepping & has_mask.any()
+            if not bool(stepping.any()):
+                break
+            ta = time.perf_counter()
+            x0, conf = denoise_step(model, st, block, start, temperature=temperature, noise=noise,
+                                    exclude_id=exclude_id)
+            tb = time.perf_counter()
+            revealed = select(x0, conf, block, mask_id, threshold, _even_k(n_masked, sched.steps_per_block, step),
+                              stepping,
+                              policy.finish_last_step and step == sched.steps_per_block - 1)
+            nfe += 1
+            st.row_nfe += stepping.long()
+            offs = revealed.nonzero().tolist()
+            per_row: list[list[int]] = [[] for _ in range(b)]
+            for r, c in offs:
+                per_row[r].append(blk * length + c)
+            trace.append(per_row)
+            done = _eos_done(block, mask_id, eos) & stepping
+            stepping = stepping & ~done if policy.per_row_eos else stepping & ~done.any()
+            timings["denoise"] += tb - ta
+            timings["select"] += time.perf_counter() - tb
+            if not bool(stepping.any()):
+                break
+        tc = time.perf_counter()
+        last = commit(model, st, block, start)
+        nfe += 1
+        st.row_nfe += st.active.long()
+        seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
+        timings["commit"] += time.perf_counter() - tc
+        has_eos = torch.isin(st.x[:, :(blk + 1) * length], eos).any(1)
+        if policy.per_row_eos:
+            st.active &= ~has_eos
+            stop = not bool(st.active.any())
+        else:
+            stop = bool(has_eos.all())
+        if callback is not None and callback(blk, _completions(st.x[:, :(blk + 1) * length], eos, sched.max_new_tokens,
+                                                               policy.per_row_eos, final=False)) is False:
+            stop = True
+        if stop:
+            break
+    completions = _completions(st.x, eos, sched.max_new_tokens, policy.per_row_eos, final=True,
+                               decoded=(blk + 1) * length)
+    return GenerationResult(completions, nfe, trace, st.row_nfe.tolist(), timings)
+
+
+def _completions(x: torch.Tensor, eos: torch.Tensor, max_new: int, per_row: bool, *, final: bool,
+                 decoded: int | None = None) -> list[list[int]]:
+    """Cut to ``max_new`` and trim at EOS: per row (per_row_eos) or to the longest row's first EOS + 1 when every
+    row has one (upstream's batch rule)."""
+    if decoded is not None:
+        x = x[:, :decoded]
+    rows = x[:, :max_new].tolist()
+    eos_set = set(eos.tolist())
+    firsts = [next((i for i, t in enumerate(r) if t in eos_set), None) for r in rows]
+    if per_row:
+        return [r[:f + 1] if f is not None else r for r, f in zip(rows, firsts)]
+    if final and rows and all(f is not None for f in firsts):
+        cut = max(f for f in firsts if f is not None) + 1
+        return [r[:cut] for r in rows]
+    return rows

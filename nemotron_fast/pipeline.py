@@ -1,0 +1,223 @@
+"""The endpoint in a box: the hosted API's input schema in, its output schema (``output``, ``usage``,
+``timings``) out. Used by the CLI, the server and Python users.
+
+Phases are timed as the endpoint reports them: ``image_validation_time`` (fetch, decode, validate the image),
+``preprocessing_time`` (chat template, tokenisation, image tensors), ``gpu_transfer_time`` (host-to-device
+copies), ``generation_time`` (vision tower, prefill, denoise, commits), ``decode_time`` (ids to text).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import Cancelled, InputValidationError
+from .params import RequestParams, validate_inputs
+from .sampling import GenerationResult, SamplingPolicy
+
+__all__ = ["Pipeline", "default_model_path"]
+
+Sampler = Literal["fast", "reference"]
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nemotron_fast"
+
+
+def default_model_path() -> Path:
+    """The embedded default model: the trained demo checkpoint shipped in the package when present, otherwise
+    a tiny random checkpoint written once to the user cache directory."""
+    try:
+        from .demo import default_model_path as demo_path
+
+        return demo_path()
+    except (ImportError, FileNotFoundError, AttributeError):
+        pass
+    from .testing import write_tiny_checkpoint
+
+    path = _cache_dir() / "default-tiny-vlm"
+    if not (path / "model.safetensors").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        write_tiny_checkpoint(tmp, vlm=True, seed=0, head_scale=8.0)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.replace(path)
+    return path
+
+
+class Pipeline:
+    """Loaded model + processor + sampler. Thread-compatible (one generation at a time per instance)."""
+
+    def __init__(self, model: Any, *, sampler: Sampler = "fast", policy: SamplingPolicy | None = None) -> None:
+        if sampler not in ("fast", "reference"):
+            raise ValueError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
+        self.model = model
+        self.processor = model.processor
+        self.sampler = sampler
+        self.policy = policy or SamplingPolicy()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None, sampler: Sampler = "fast",
+                        policy: SamplingPolicy | None = None) -> Pipeline:
+        """Load a checkpoint directory (``None`` = the embedded default model)."""
+        from .model import load
+
+        return cls(load(path if path is not None else default_model_path(), device=device, dtype=dtype),
+                   sampler=sampler, policy=policy)
+
+    # ---- schema ---------------------------------------------------------------------------------------------
+    def validate(self, inputs: dict[str, Any]) -> RequestParams:
+        """Apply the schema's rules without any I/O; raises :class:`InputValidationError`."""
+        return validate_inputs(inputs)
+
+    def _generate(self, input_ids: Any, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+                  p: RequestParams, policy: SamplingPolicy,
+                  callback: Callable[[int, list[list[int]]], bool | None] | None) -> GenerationResult:
+        kw = dict(max_new_tokens=p.max_tokens, steps=p.steps, block_length=p.block_length, threshold=p.threshold)
+        if self.sampler == "reference":
+            from .reference import generate as ref_generate
+
+            if isinstance(input_ids, list):
+                if len(input_ids) != 1:
+                    raise ValueError("the reference sampler runs one request at a time")
+                input_ids = torch.as_tensor(input_ids[0]).view(1, -1)
+            return ref_generate(self.model, input_ids, pixel_values, image_sizes, policy=policy, **kw)
+        from .generate import generate
+
+        return generate(self.model, input_ids, pixel_values, image_sizes, policy=policy, callback=callback, **kw)
+
+    # ---- one request ------------------------------------------------------------------------------------------
+    def _prepare(self, inputs: dict[str, Any], allow_private_urls: bool) -> tuple[RequestParams, Any, dict]:
+        from .processing import load_image
+
+        p = self.validate(inputs)
+        t0 = time.perf_counter()
+        image = load_image(p.image_url, allow_private=allow_private_urls)
+        t1 = time.perf_counter()
+        if not self.model.config.is_vlm:
+            raise InputValidationError.single("image_url", "this checkpoint is a text model and takes no image")
+        proc = self.processor.build_inputs(p.prompt, [image])
+        t2 = time.perf_counter()
+        return p, proc, {"image_validation_time": t1 - t0, "preprocessing_time": t2 - t1}
+
+    def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Run one request. ``on_progress(text_so_far)`` is called after each committed block;
+        ``should_cancel()`` is polled after each block and raises :class:`Cancelled` when it returns True."""
+        t_start = time.perf_counter()
+        p, proc, timings = self._prepare(inputs, allow_private_urls)
+        if log:
+            log(f"prompt: {proc.num_prompt_tokens} tokens; {p.num_blocks} blocks of {p.block_length}, "
+                f"{p.steps_per_block} steps each")
+        t0 = time.perf_counter()
+        dev = self.model.device
+        ids = proc.input_ids.to(dev)
+        pix = proc.pixel_values.to(dev, self.model.dtype) if proc.pixel_values is not None else None
+        sizes = proc.image_sizes.to(dev) if proc.image_sizes is not None else None
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        timings["gpu_transfer_time"] = time.perf_counter() - t0
+        cancelled = False
+
+        def callback(block: int, completions: list[list[int]]) -> bool:
+            nonlocal cancelled
+            if on_progress is not None:
+                on_progress(self.processor.decode(completions[0]))
+            if log:
+                log(f"block {block + 1}/{p.num_blocks} committed")
+            if should_cancel is not None and should_cancel():
+                cancelled = True
+                return False
+            return True
+
+        t1 = time.perf_counter()
+        result = self._generate(ids, pix, sizes, p, self.policy, callback)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        timings["generation_time"] = time.perf_counter() - t1
+        if cancelled:
+            raise Cancelled("request was cancelled")
+        t2 = time.perf_counter()
+        text = self.processor.decode(result.completion_ids[0])
+        timings["decode_time"] = time.perf_counter() - t2
+        timings["total_time"] = time.perf_counter() - t_start
+        return _output(text, proc.num_prompt_tokens, result.completion_ids[0], result.nfe, timings)
+
+    # ---- many requests ------------------------------------------------------------------------------------------
+    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
+                  should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]:
+        """Run several requests as batched generations (rows grouped by equal parameters, ``per_row_eos`` so each
+        row's result equals running it alone). A row's error is returned in its slot, never raised."""
+        out: list[dict[str, Any] | Exception] = [RuntimeError("not run")] * len(inputs)
+        prepared: dict[tuple, list[tuple[int, RequestParams, Any, dict, float]]] = {}
+        for i, inp in enumerate(inputs):
+            t_start = time.perf_counter()
+            try:
+                p, proc, timings = self._prepare(inp, allow_private_urls)
+            except Exception as exc:  # each row's failure is that row's answer
+                out[i] = exc
+                continue
+            prepared.setdefault(p.batch_key(), []).append((i, p, proc, timings, t_start))
+        if self.sampler == "reference":
+            groups = [[row] for rows in prepared.values() for row in rows]
+        else:
+            groups = list(prepared.values())
+        for rows in groups:
+            self._run_group(rows, out, should_cancel)
+        return out
+
+    def _run_group(self, rows: list, out: list, should_cancel: list[Callable[[], bool]] | None) -> None:
+        dev = self.model.device
+        p = rows[0][1]
+        t0 = time.perf_counter()
+        ids = [proc.input_ids[0] for _, _, proc, _, _ in rows]
+        pix_list = [proc.pixel_values for _, _, proc, _, _ in rows if proc.pixel_values is not None]
+        pix, sizes = None, None
+        if pix_list:
+            h = max(x.shape[-2] for x in pix_list)
+            w = max(x.shape[-1] for x in pix_list)
+            pix = torch.cat([torch.nn.functional.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2])) for x in pix_list])
+            pix = pix.to(dev, self.model.dtype)
+            sizes = torch.cat([proc.image_sizes for _, _, proc, _, _ in rows if proc.image_sizes is not None]).to(dev)
+        transfer = time.perf_counter() - t0
+        policy = SamplingPolicy(self.policy.exclude_mask, self.policy.finish_last_step, True)
+        t1 = time.perf_counter()
+        try:
+            result = self._generate(ids if len(ids) > 1 else ids[0].view(1, -1), pix, sizes, p,
+                                    policy if len(rows) > 1 else self.policy, None)
+        except Exception as exc:
+            for i, *_ in rows:
+                out[i] = exc
+            return
+        gen_time = time.perf_counter() - t1
+        for r, (i, _, proc, timings, t_start) in enumerate(rows):
+            if should_cancel is not None and should_cancel[i]():
+                out[i] = Cancelled("request was cancelled")
+                continue
+            t2 = time.perf_counter()
+            text = self.processor.decode(result.completion_ids[r])
+            timings = dict(timings, gpu_transfer_time=transfer, generation_time=gen_time,
+                           decode_time=time.perf_counter() - t2)
+            timings["total_time"] = time.perf_counter() - t_start
+            nfe = result.row_nfe[r] if result.row_nfe else result.nfe
+            out[i] = _output(text, proc.num_prompt_tokens, result.completion_ids[r], nfe, timings)
+
+
+def _output(text: str, prompt_tokens: int, completion: list[int], nfe: int, timings: dict[str, float]) -> dict:
+    keys = ("total_time", "image_validation_time", "preprocessing_time", "gpu_transfer_time", "generation_time",
+            "decode_time")
+    return {
+        "output": text,
+        "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": len(completion),
+                  "num_function_evals": int(nfe)},
+        "timings": {k: float(timings.get(k, 0.0)) for k in keys},
+    }

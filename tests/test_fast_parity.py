@@ -1,0 +1,176 @@
+"""The fast sampler gives exactly the reference's tokens, NFE and reveal trace (fp32), and >= 99% token
+agreement in bf16. The reference runs on transformers' classes, the fast path on our model and kernels."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+import nemotron_fast
+from nemotron_fast import reference
+from nemotron_fast.sampling import SamplingPolicy
+
+from .helpers import text_prompt, vlm_prompt
+
+HEAD_SCALE = 8.0  # peaky heads, so thresholds 0.5/0.9 reveal several tokens per step
+
+
+@dataclass(frozen=True)
+class Case:
+    vlm: bool
+    vocab: str
+    block: int
+    spb: int
+    threshold: float | None
+    max_tokens: int
+    prompt_len: int
+    seed: int
+
+    def __str__(self) -> str:
+        return (f"{'vlm' if self.vlm else 'text'}-{self.vocab}-L{self.block}-spb{self.spb}-thr{self.threshold}"
+                f"-max{self.max_tokens}-p{self.prompt_len}")
+
+
+def _cases() -> list[Case]:
+    out = []
+    blocks, thresholds = (1, 7, 32, 64), (0.0, 0.5, 0.9, 1.0, None)
+    ckpts = [(False, "small"), (True, "small"), (False, "tekken"), (True, "tekken")]
+    for i, (block, thr) in enumerate(itertools.product(blocks, thresholds)):
+        for j in range(2):
+            vlm, vocab = ckpts[(i + j) % 4]
+            # steps per block from 1 to more than the block length
+            spb = (1, 3, max(1, block - 1), block + 5)[(i + 2 * j) % 4]
+            if vocab == "tekken" and block >= 32:
+                spb = min(spb, 8)  # keep the 131k-vocabulary reference affordable
+            max_tokens = 5 if block == 1 else block + block // 2 + 1  # not a multiple of the block
+            out.append(Case(vlm, vocab, block, spb, thr, max_tokens, 11 + 2 * (i % 5), 100 * i + j))
+    return out
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def models(ckpt_factory):
+    cache: dict = {}
+
+    def get(vlm: bool, vocab: str, dtype: str = "float32"):
+        key = (vlm, vocab, dtype)
+        if key not in cache:
+            path = ckpt_factory(vlm=vlm, vocab=vocab, seed=5, head_scale=HEAD_SCALE)
+            cache[key] = nemotron_fast.load(path, dtype=dtype)
+        return cache[key]
+
+    return get
+
+
+def _inputs(model, case: Case):
+    if case.vlm:
+        return vlm_prompt(model.config, case.seed, n_text=case.prompt_len)
+    return text_prompt(model.config, case.seed, case.prompt_len), None, None
+
+
+def _call(fn, model, case: Case, ids, pix, sizes, **kw):
+    nb = -(-case.max_tokens // case.block)
+    return fn(model, ids, pix, sizes, max_new_tokens=case.max_tokens, steps=nb * case.spb,
+              block_length=case.block, threshold=case.threshold, **kw)
+
+
+def test_case_matrix_covers_the_acceptance_points() -> None:
+    assert len(CASES) >= 40
+    assert {c.block for c in CASES} == {1, 7, 32, 64}
+    assert {c.threshold for c in CASES} == {0.0, 0.5, 0.9, 1.0, None}
+    assert min(c.spb for c in CASES) == 1 and any(c.spb > c.block for c in CASES)
+    assert all(c.max_tokens % c.block for c in CASES if c.block > 1)
+    assert {(c.vlm, c.vocab) for c in CASES} == {(False, "small"), (True, "small"), (False, "tekken"),
+                                                  (True, "tekken")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fp32_exact_parity(models, case: Case) -> None:
+    model = models(case.vlm, case.vocab)
+    ids, pix, sizes = _inputs(model, case)
+    ref = _call(reference.generate, model, case, ids, pix, sizes)
+    fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes)
+    assert fast.completion_ids == ref.completion_ids
+    assert fast.nfe == ref.nfe
+    assert fast.trace == ref.trace
+
+
+@pytest.mark.parametrize("vlm,vocab,block,threshold", [(False, "small", 7, 0.9), (True, "small", 32, None),
+                                                       (False, "tekken", 32, 0.5), (True, "tekken", 7, 0.0)])
+def test_eos_inside_a_block(models, vlm: bool, vocab: str, block: int, threshold) -> None:
+    """Pick as EOS a token the model really produces mid-block, so the in-block EOS stop and the trim fire."""
+    model = models(vlm, vocab)
+    case = Case(vlm, vocab, block, block, threshold, 3 * block, 13, 7)
+    ids, pix, sizes = _inputs(model, case)
+    free = _call(reference.generate, model, case, ids, pix, sizes, eos_token_id=model.config.mask_token_id + 1)
+    toks = free.completion_ids[0]
+    eos = next(t for t in toks[block + 2:] if t != model.config.mask_token_id)
+    ref = _call(reference.generate, model, case, ids, pix, sizes, eos_token_id=eos)
+    fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes, eos_token_id=eos)
+    assert ref.completion_ids[0][-1] == eos and ref.nfe < free.nfe
+    assert (fast.completion_ids, fast.nfe, fast.trace) == (ref.completion_ids, ref.nfe, ref.trace)
+
+
+@pytest.mark.parametrize("vocab,threshold", [("small", 0.9), ("small", None), ("tekken", 0.5)])
+def test_ragged_batch_per_row_eos_equals_each_row_alone(models, vocab: str, threshold) -> None:
+    model = models(False, vocab)
+    prompts = [text_prompt(model.config, s, n)[0] for s, n in ((1, 9), (2, 16), (3, 4))]
+    kw = dict(max_new_tokens=40, steps=2 * 12, block_length=20, threshold=threshold)
+    alone = [reference.generate(model, p.view(1, -1), **kw) for p in prompts]
+    # an EOS that row 1 really produces, so rows stop at different blocks
+    eos = alone[1].completion_ids[0][23]
+    alone = [reference.generate(model, p.view(1, -1), eos_token_id=eos, **kw) for p in prompts]
+    batch = nemotron_fast.generate(model, prompts, eos_token_id=eos, policy=SamplingPolicy(per_row_eos=True), **kw)
+    for r, one in enumerate(alone):
+        assert batch.completion_ids[r] == one.completion_ids[0], f"row {r}"
+        assert batch.row_nfe[r] == one.nfe, f"row {r}"
+        assert [t[r] for t in batch.trace if t[r]] == [t[0] for t in one.trace], f"row {r}"
+    assert len({len(c) for c in batch.completion_ids}) > 1
+
+
+@pytest.mark.parametrize("policy", [SamplingPolicy(exclude_mask=True), SamplingPolicy(finish_last_step=True),
+                                    SamplingPolicy(exclude_mask=True, finish_last_step=True)], ids=lambda p: p.name)
+def test_opt_in_policies_match_the_reference_policies(models, policy: SamplingPolicy) -> None:
+    model = models(True, "small")
+    case = Case(True, "small", 32, 4, 0.9, 40, 9, 3)
+    ids, pix, sizes = _inputs(model, case)
+    ref = _call(reference.generate, model, case, ids, pix, sizes, policy=policy)
+    fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes, policy=policy)
+    assert (fast.completion_ids, fast.nfe, fast.trace) == (ref.completion_ids, ref.nfe, ref.trace)
+    mask = model.config.mask_token_id
+    if policy.finish_last_step:
+        assert mask not in fast.completion_ids[0]
+    default = _call(nemotron_fast.generate, model, case, ids, pix, sizes)
+    if not policy.exclude_mask:
+        assert mask in default.completion_ids[0], "spb 4 < 31 masks must leave masks under the default policy"
+
+
+def test_temperature_with_injected_noise_is_exact(models) -> None:
+    model = models(True, "small")
+    case = Case(True, "small", 7, 3, 0.5, 20, 9, 4)
+    ids, pix, sizes = _inputs(model, case)
+    ref = _call(reference.generate, model, case, ids, pix, sizes, temperature=0.7, seed=123)
+    fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes, temperature=0.7, seed=123)
+    greedy = _call(nemotron_fast.generate, model, case, ids, pix, sizes)
+    assert (fast.completion_ids, fast.nfe, fast.trace) == (ref.completion_ids, ref.nfe, ref.trace)
+    assert fast.completion_ids != greedy.completion_ids
+
+
+def test_bf16_token_agreement(models) -> None:
+    """bf16 on both sides: report the agreement rate over the matrix; it must be >= 0.99."""
+    same = total = 0
+    for case in CASES[::3]:
+        model = models(case.vlm, case.vocab, "bfloat16")
+        ids, pix, sizes = _inputs(model, case)
+        ref = _call(reference.generate, model, case, ids, pix, sizes).completion_ids[0]
+        fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes).completion_ids[0]
+        n = max(len(ref), len(fast))
+        same += sum(a == b for a, b in zip(ref, fast))
+        total += n
+    rate = same / total
+    print(f"bf16 token agreement: {rate:.4f} over {total} tokens")
+    assert rate >= 0.99
