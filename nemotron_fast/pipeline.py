@@ -55,23 +55,27 @@ def default_model_path() -> Path:
 class Pipeline:
     """Loaded model + processor + sampler. Thread-compatible (one generation at a time per instance)."""
 
-    def __init__(self, model: Any, *, sampler: Sampler = "fast", policy: SamplingPolicy | None = None) -> None:
+    def __init__(self, model: Any, *, sampler: Sampler = "fast", policy: SamplingPolicy | None = None,
+                 fetch_timeout: float = 10.0, max_image_bytes: int = 20 * 2**20,
+                 max_image_pixels: int = 50_000_000) -> None:
+        """``fetch_timeout`` (s), ``max_image_bytes`` and ``max_image_pixels`` bound every image input."""
         if sampler not in ("fast", "reference"):
             raise ValueError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
         self.model = model
         self.processor = model.processor
         self.sampler = sampler
         self.policy = policy or SamplingPolicy()
+        self.image_limits = {"timeout": fetch_timeout, "max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None, sampler: Sampler = "fast",
-                        policy: SamplingPolicy | None = None) -> Pipeline:
-        """Load a checkpoint directory (``None`` = the embedded default model)."""
+                        policy: SamplingPolicy | None = None, **limits: Any) -> Pipeline:
+        """Load a checkpoint directory (``None`` = the embedded default model); ``limits`` go to ``__init__``."""
         from .model import load
 
         return cls(load(path if path is not None else default_model_path(), device=device, dtype=dtype),
-                   sampler=sampler, policy=policy)
+                   sampler=sampler, policy=policy, **limits)
 
     # ---- schema ---------------------------------------------------------------------------------------------
     def validate(self, inputs: dict[str, Any]) -> RequestParams:
@@ -100,7 +104,7 @@ class Pipeline:
 
         p = self.validate(inputs)
         t0 = time.perf_counter()
-        image = load_image(p.image_url, allow_private=allow_private_urls)
+        image = load_image(p.image_url, allow_private=allow_private_urls, **self.image_limits)
         t1 = time.perf_counter()
         if not self.model.config.is_vlm:
             raise InputValidationError.single("image_url", "this checkpoint is a text model and takes no image")
