@@ -17,6 +17,7 @@ Ragged batches are left-padded so every row's prefix ends at the same cache slot
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ from .model import KVCache, NLDModel
 from .sampling import GenerationResult, NoiseSource, SamplingPolicy, gumbel_argmax, resolve_schedule
 
 __all__ = ["generate", "prefill", "denoise_step", "select", "commit", "BlockCallback"]
+
+# Tests set this to run the CUDA-style loop (fixed-shape steps, lagged flags) on the CPU.
+_GPU_STYLE_ON_CPU = False
 
 # Called after each commit with (block index, completion ids so far per row); returning False stops generation.
 BlockCallback = Callable[[int, list[list[int]]], "bool | None"]
@@ -92,14 +96,23 @@ def prefill(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, gen_len: int,
 
 
 def denoise_step(model: NLDModel, st: _State, block: torch.Tensor, start: int, *, temperature: float,
-                 noise: NoiseSource | None, exclude_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 noise: NoiseSource | None, exclude_id: int | None,
+                 all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One diffusion forward of the block -> (x0 int64 [B, L], conf [B, L] in the logits dtype, -inf where the
-    position is not masked). The head runs only on masked positions."""
+    position is not masked). The head runs only on masked positions, or on all B*L rows with ``all_rows`` (a
+    fixed shape, for CUDA graphs and no host sync)."""
     mask_id = model.config.mask_token_id
     is_mask = block == mask_id
     hidden = model.forward_hidden(model.embed(block), cache=st.cache, start=start, mode="diffusion")
     b, length = block.shape
     u = noise.uniform((b, length, model.config.vocab_size), block.device) if temperature > 0 else None
+    if all_rows:
+        tok, c = head_confidence_argmax(hidden.view(b * length, -1), model.diffusion_head.weight,
+                                        noise_u=u.view(b * length, -1) if u is not None else None,
+                                        temperature=temperature, exclude_id=exclude_id)
+        x0 = torch.where(is_mask, tok.view(b, length), block)
+        conf = torch.where(is_mask, c.view(b, length).to(model.dtype), float("-inf"))
+        return x0, conf
     rows = is_mask.flatten().nonzero().squeeze(1)
     x0 = block.clone()
     conf = torch.full((b, length), float("-inf"), dtype=model.dtype, device=block.device)
@@ -154,6 +167,7 @@ def generate(
     seed: int | None = None,
     policy: SamplingPolicy | None = None,
     callback: BlockCallback | None = None,
+    use_cuda_graphs: bool = True,
 ) -> GenerationResult:
     """Block-diffusion generation with the fast path; the result equals the reference's for the same call.
 
@@ -169,6 +183,7 @@ def generate(
         eos_token_id: id(s) that end a completion (default: the config's EOS ids).
         policy: opt-in departures from the reference (default: none).
         callback: called after each commit; returning False stops generation after that block.
+        use_cuda_graphs: on CUDA at T = 0, capture each block's denoise forward once and replay it.
     Returns:
         :class:`GenerationResult` with completion ids per row, NFE and the reveal trace.
     """
@@ -203,44 +218,27 @@ def generate(
     seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
     t2 = time.perf_counter()
     timings["vision"], timings["prefill"] = t1 - t0, t2 - t1
-    trace: list[list[list[int]]] = []
-    nfe = 0
+    gpu_style = dev.type == "cuda" or _GPU_STYLE_ON_CPU
+    o = _Opts(mask_id, threshold, sched.steps_per_block, temperature, noise, exclude_id, policy, eos,
+              # on CUDA: fixed-shape steps (all L rows through the head) and no host sync inside a block;
+              # the speculative extra step that the lag allows would draw noise the reference never draws
+              all_rows=gpu_style, lag=gpu_style and temperature == 0,
+              graphs=dev.type == "cuda" and temperature == 0 and use_cuda_graphs)
+    slots = sched.num_blocks * sched.steps_per_block
+    rev_buf = torch.zeros(slots, b, length, dtype=torch.bool, device=dev)
+    stepped_buf = torch.zeros(slots, b, dtype=torch.bool, device=dev)
+    slot_block: list[int] = []
+    commits = 0
     for blk in range(sched.num_blocks):
         start = st.prefix_len + blk * length
         block = st.x[:, blk * length:(blk + 1) * length]
         block[:, 0] = torch.where(st.active, seed_tok, block[:, 0])
-        # rows of this block still denoising; batch-coupled unless per_row_eos
-        stepping = st.active.clone()
-        # the even schedule counts each row's masks at block start (L - 1, or L when the seed itself is MASK)
-        n_masked = (block == mask_id).sum(1)
-        for step in range(sched.steps_per_block):
-            has_mask = (block == mask_id).any(1) & stepping
-            stepping = has_mask if policy.per_row_eos else stepping & has_mask.any()
-            if not bool(stepping.any()):
-                break
-            ta = time.perf_counter()
-            x0, conf = denoise_step(model, st, block, start, temperature=temperature, noise=noise,
-                                    exclude_id=exclude_id)
-            tb = time.perf_counter()
-            revealed = select(x0, conf, block, mask_id, threshold, _even_k(n_masked, sched.steps_per_block, step),
-                              stepping,
-                              policy.finish_last_step and step == sched.steps_per_block - 1)
-            nfe += 1
-            st.row_nfe += stepping.long()
-            offs = revealed.nonzero().tolist()
-            per_row: list[list[int]] = [[] for _ in range(b)]
-            for r, c in offs:
-                per_row[r].append(blk * length + c)
-            trace.append(per_row)
-            done = _eos_done(block, mask_id, eos) & stepping
-            stepping = stepping & ~done if policy.per_row_eos else stepping & ~done.any()
-            timings["denoise"] += tb - ta
-            timings["select"] += time.perf_counter() - tb
-            if not bool(stepping.any()):
-                break
+        used = _denoise_block(model, st, block, start, o, rev_buf[len(slot_block):], stepped_buf[len(slot_block):],
+                              timings)
+        slot_block += [blk] * used
         tc = time.perf_counter()
         last = commit(model, st, block, start)
-        nfe += 1
+        commits += 1
         st.row_nfe += st.active.long()
         seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
         timings["commit"] += time.perf_counter() - tc
@@ -257,7 +255,142 @@ def generate(
             break
     completions = _completions(st.x, eos, sched.max_new_tokens, policy.per_row_eos, final=True,
                                decoded=(blk + 1) * length)
-    return GenerationResult(completions, nfe, trace, st.row_nfe.tolist(), timings)
+    trace = _trace(rev_buf[:len(slot_block)], stepped_buf[:len(slot_block)], slot_block, length)
+    return GenerationResult(completions, len(trace) + commits, trace, st.row_nfe.tolist(), timings)
+
+
+@dataclass(frozen=True)
+class _Opts:
+    """Per-call constants of the denoise loop."""
+
+    mask_id: int
+    threshold: float | None
+    spb: int
+    temperature: float
+    noise: NoiseSource | None
+    exclude_id: int | None
+    policy: SamplingPolicy
+    eos: torch.Tensor
+    all_rows: bool = False
+    lag: bool = False
+    graphs: bool = False
+
+
+def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int, o: _Opts, rev_buf: torch.Tensor,
+                   stepped_buf: torch.Tensor, timings: dict[str, float]) -> int:
+    """Up to ``spb`` denoise steps on ``block`` (in place). Returns the step slots used.
+
+    Each step records its reveals in ``rev_buf[s]`` [B, L] and the rows that really stepped in
+    ``stepped_buf[s]`` [B], on the device. With ``o.lag`` the host reads the "still stepping" flag one step
+    late through a non-blocking copy, so nothing inside the block waits for the device; the one speculative
+    step this may run after the block finished has no row stepping, changes nothing, and is dropped from the
+    trace and the NFE.
+    """
+    mask_id, policy = o.mask_id, o.policy
+    stepping = st.active.clone()
+    # the even schedule counts each row's masks at block start (L - 1, or L when the seed itself is MASK)
+    n_masked = (block == mask_id).sum(1)
+    graph = _GraphedDenoise.capture(model, st, block, start, o) if o.graphs else None
+    pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    used = 0
+    for step in range(o.spb):
+        has_mask = (block == mask_id).any(1) & stepping
+        stepping = has_mask if policy.per_row_eos else stepping & has_mask.any()
+        if not o.lag and not bool(stepping.any()):
+            break
+        ta = time.perf_counter()
+        if graph is not None:
+            x0, conf = graph.replay()
+        else:
+            x0, conf = denoise_step(model, st, block, start, temperature=o.temperature, noise=o.noise,
+                                    exclude_id=o.exclude_id, all_rows=o.all_rows)
+        tb = time.perf_counter()
+        k = _even_k(n_masked, o.spb, step)
+        rev_buf[step] = select(x0, conf, block, mask_id, o.threshold, k, stepping,
+                               policy.finish_last_step and step == o.spb - 1)
+        stepped_buf[step] = stepping
+        st.row_nfe += stepping.long()
+        done = _eos_done(block, mask_id, o.eos) & stepping
+        stepping = stepping & ~done if policy.per_row_eos else stepping & ~done.any()
+        used = step + 1
+        timings["denoise"] += tb - ta
+        timings["select"] += time.perf_counter() - tb
+        if not o.lag:
+            if not bool(stepping.any()):
+                break
+            continue
+        if pending is not None:
+            flag, event = pending
+            event.synchronize()
+            if not bool(flag):
+                break
+        flag = torch.empty((), dtype=torch.bool, pin_memory=stepping.is_cuda)
+        flag.copy_(stepping.any(), non_blocking=True)
+        event = torch.cuda.Event() if flag.is_pinned() and stepping.is_cuda else _DoneEvent()
+        event.record()
+        pending = (flag, event)
+    return used
+
+
+class _DoneEvent:
+    """Stand-in for a CUDA event on the CPU, where every copy has finished when it returns."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _GraphedDenoise:
+    """One block's fixed-shape denoise forward (backbone + fused head over all L rows) as a CUDA graph,
+    captured once per block (the cache offset changes between blocks) and replayed for each step."""
+
+    _pool: object | None = None
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, x0: torch.Tensor, conf: torch.Tensor) -> None:
+        self.graph, self.x0, self.conf = graph, x0, conf
+
+    @classmethod
+    def capture(cls, model: NLDModel, st: _State, block: torch.Tensor, start: int, o: _Opts) -> _GraphedDenoise | None:
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            return denoise_step(model, st, block, start, temperature=0.0, noise=None, exclude_id=o.exclude_id,
+                                all_rows=True)
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up: allocator and autotuning outside the capture; writes only scratch K/V
+            torch.cuda.current_stream().wait_stream(side)
+            if cls._pool is None:
+                cls._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=cls._pool):
+                x0, conf = step()
+            return cls(graph, x0, conf)
+        except RuntimeError as exc:  # capture unsupported here: the eager step is the same computation
+            warnings.warn(f"CUDA graph capture failed ({exc}); running the denoise step eagerly", stacklevel=2)
+            return None
+
+    def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.graph.replay()
+        return self.x0, self.conf
+
+
+def _trace(rev: torch.Tensor, stepped: torch.Tensor, slot_block: list[int], length: int) -> list[list[list[int]]]:
+    """Device reveal records -> per real step, per row, sorted completion offsets (one transfer at the end)."""
+    real = stepped.any(1).tolist()
+    b = rev.shape[1]
+    out: list[list[list[int]]] = []
+    hits = rev.nonzero().tolist()
+    by_slot: dict[int, list[list[int]]] = {}
+    for s, r, c in hits:
+        by_slot.setdefault(s, [[] for _ in range(b)])[r].append(slot_block[s] * length + c)
+    for s, is_real in enumerate(real):
+        if is_real:
+            out.append(by_slot.get(s, [[] for _ in range(b)]))
+    return out
 
 
 def _completions(x: torch.Tensor, eos: torch.Tensor, max_new: int, per_row: bool, *, final: bool,
