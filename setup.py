@@ -22,12 +22,14 @@ def _cuda_extensions() -> tuple[list, dict]:
     except Exception as exc:  # torch missing in an isolated build env
         if force:
             raise
-        warnings.warn(f"nemotron_fast: torch not importable at build time ({exc}); skipping the CUDA extension")
+        warnings.warn(f"nemotron_fast: torch not importable at build time ({exc}); skipping the CUDA extension",
+                      stacklevel=1)
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None or shutil.which("nvcc") is None:
         if force:
             raise RuntimeError("NEMOTRON_FAST_FORCE_CUDA=1 but torch has no CUDA or nvcc is not on PATH")
-        warnings.warn("nemotron_fast: torch without CUDA or no nvcc found; the CUDA extension is not built")
+        warnings.warn("nemotron_fast: torch without CUDA or no nvcc found; the CUDA extension is not built",
+                      stacklevel=1)
         return [], {}
     ext = CUDAExtension(
         name="nemotron_fast._C",

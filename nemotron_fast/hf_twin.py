@@ -16,7 +16,6 @@ Attention modes (see ``spec/nld-model.md``):
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import NLDConfig, load_config
-from .errors import CheckpointError
+from .model.weights import check_keys, read_safetensors
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, Ministral3Config, Mistral3Config, PixtralVisionConfig
@@ -249,81 +248,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NLDConfig) -> torch.dty
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     return dtype
-
-
-def _shard_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    single = root / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        files = [root / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f.name) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index.name} names shard files that do not exist in {root}: {missing}")
-        return files
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {root}")
-
-
-def read_safetensors(path: str | Path, *, shapes_only: bool = False) -> dict[str, torch.Tensor | torch.Size]:
-    """Every tensor of the checkpoint in ``path`` (single file or sharded via ``model.safetensors.index.json``),
-    or only their shapes when ``shapes_only``. A key stored twice, or an index entry pointing at a shard without
-    that key, raises :class:`CheckpointError`."""
-    from safetensors import safe_open
-
-    root = Path(path)
-    files = _shard_files(root)
-    index = root / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
-    out: dict[str, torch.Tensor | torch.Size] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    if key in out:
-                        raise CheckpointError(f"tensor '{key}' is stored in more than one shard ({f.name})")
-                    if weight_map is not None and weight_map.get(key) != f.name:
-                        raise CheckpointError(f"tensor '{key}' in {f.name} is not mapped to that file by "
-                                              f"{index.name} (maps to {weight_map.get(key)!r})")
-                    if shapes_only:
-                        out[key] = torch.Size(handle.get_slice(key).get_shape())
-                    else:
-                        out[key] = handle.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"cannot read {f}: {exc}") from exc
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(out))
-        if absent:
-            raise CheckpointError(f"{index.name} lists tensors missing from their shards: {_short(absent)}")
-    return out
-
-
-def _short(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size]) -> None:
-    """Raise :class:`CheckpointError` naming every missing, unexpected and mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k} (checkpoint {tuple(found[k])}, model {tuple(expected[k])})"
-                       for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_short(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors: {_short(misshaped)}")
-    if problems:
-        raise CheckpointError("checkpoint does not match its config: " + "; ".join(problems))
 
 
 def load_twin(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,

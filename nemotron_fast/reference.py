@@ -63,16 +63,16 @@ def propose(logits: torch.Tensor, block: torch.Tensor, mask_id: int, temperature
     Gumbel-max with ``u`` ``[B, L, V]`` float64 at T > 0; existing tokens kept at non-MASK positions) and ``conf``
     ``[B, L]`` in the logits dtype: ``softmax(logits)[x0]`` of the unscaled, noise-free logits, computed in the
     logits dtype (so rounded to it), ``-inf`` at non-MASK positions. The MASK id stays a candidate unless
-    ``exclude_mask`` (then its logit is ``-inf`` for both the choice and the softmax).
+    ``exclude_mask``: then it is removed from the choice only, and the confidence stays the probability under
+    the unmodified logits (the fused kernels compute it that way).
     """
-    if exclude_mask:
-        logits = _exclude(logits, mask_id)
+    choice = _exclude(logits, mask_id) if exclude_mask else logits
     if temperature > 0:
         if u is None:
             raise ValueError("temperature > 0 needs the uniform noise tensor u")
-        x0 = gumbel_argmax(logits, temperature, u.to(logits.device))
+        x0 = gumbel_argmax(choice, temperature, u.to(logits.device))
     else:
-        x0 = torch.argmax(logits, dim=-1)
+        x0 = torch.argmax(choice, dim=-1)
     p = F.softmax(logits, dim=-1)
     conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
     masked = block == mask_id

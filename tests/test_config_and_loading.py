@@ -100,7 +100,7 @@ def test_loader_names_bad_tensors(vlm_ckpt: Path, tmp_path: Path) -> None:
     msg = str(ei.value)
     assert "missing tensors: encoder.layers.1.mlp.up_proj.weight" in msg
     assert "unexpected tensors: encoder.extra.weight" in msg
-    assert "diffusion_head.weight: checkpoint (3, 3)" in msg
+    assert "diffusion_head.weight (checkpoint (3, 3)" in msg
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load(path)

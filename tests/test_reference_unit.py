@@ -156,9 +156,10 @@ def test_mask_id_is_a_candidate_unless_excluded():
     assert propose(logits, block, MASK)[0][0, 1] == MASK
     x0, conf = propose(logits, block, MASK, exclude_mask=True)
     assert x0[0, 1] == WORD
-    # The excluded id leaves the softmax too (renormalised over the other tokens).
-    expected = torch.softmax(torch.cat([logits[0, 1, :MASK], logits[0, 1, MASK + 1:]]), -1).max()
+    # The excluded id leaves the choice only: the confidence is WORD's probability under all the logits.
+    expected = torch.softmax(logits[0, 1], -1)[WORD]
     assert torch.allclose(conf[0, 1], expected)
+    assert conf[0, 1] < torch.softmax(torch.cat([logits[0, 1, :MASK], logits[0, 1, MASK + 1:]]), -1).max()
 
 
 def test_topk_takes_highest_confidences_with_stable_ties():

@@ -1,0 +1,1 @@
+"""Kernel tests: Triton kernels (interpreted on CPU), the CUDA select/unmask op and its torch registration."""
