@@ -136,6 +136,10 @@ def _check_args(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature
     return shape, check_sampling_args(op, shape, weight.device, temperature, noise_u, exclude_id, seed, offset)
 
 
+# Upper bound on one chunk's fp32 logits in the CPU path (see head_confidence_argmax_ref).
+CPU_CHUNK_BYTES = 64 << 20
+
+
 def head_confidence_argmax_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -145,20 +149,24 @@ def head_confidence_argmax_ref(
     *,
     seed: int | None = None,
     offset: int = 0,
-    chunk: int = 8192,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference and CPU fast path of :func:`head_confidence_argmax`: ``F.linear`` over ``chunk`` rows of the
-    weight at a time with a running max / sum-exp / argmax, so no [N, V] tensor is ever held.
+    weight at a time with a running max / sum-exp / argmax, so no [N, V] tensor larger than the chunk is held.
 
-    Arguments as in :func:`head_confidence_argmax`; ``chunk``: weight rows per ``F.linear``. Returns ``x0``
-    [...] int64 and ``conf`` [...] in ``weight.dtype``.
+    Arguments as in :func:`head_confidence_argmax`; ``chunk``: weight rows per ``F.linear``. The default keeps
+    one chunk's fp32 logits within ``CPU_CHUNK_BYTES``: on a CPU a few large ops beat many small ones (each
+    small parallel op pays a thread barrier, ruinous on a loaded machine). Returns ``x0`` [...] int64 and
+    ``conf`` [...] in ``weight.dtype``.
     """
     shape, noise = _check_args("head_confidence_argmax_ref", hidden, weight, temperature, noise_u, exclude_id,
                                seed, offset)
-    if chunk < 1:
-        raise ValueError(f"head_confidence_argmax_ref: chunk must be >= 1, got {chunk}.")
     lead, vocab = shape[:-1], shape[-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    if chunk is None:
+        chunk = max(4096, CPU_CHUNK_BYTES // (4 * max(1, h2.shape[0])))
+    if chunk < 1:
+        raise ValueError(f"head_confidence_argmax_ref: chunk must be >= 1, got {chunk}.")
     u2 = noise_u.reshape(-1, vocab) if noise == 1 else None
     n = h2.shape[0]
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
