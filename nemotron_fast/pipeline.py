@@ -194,10 +194,15 @@ class Pipeline:
             sizes = torch.cat([proc.image_sizes for _, _, proc, _, _ in rows if proc.image_sizes is not None]).to(dev)
         transfer = time.perf_counter() - t0
         policy = SamplingPolicy(self.policy.exclude_mask, self.policy.finish_last_step, True)
+
+        def all_cancelled(block: int, completions: list[list[int]]) -> bool:
+            # the group stops at the next block once every one of its rows is cancelled
+            return should_cancel is None or not all(should_cancel[i]() for i, *_ in rows)
+
         t1 = time.perf_counter()
         try:
             result = self._generate(ids if len(ids) > 1 else ids[0].view(1, -1), pix, sizes, p,
-                                    policy if len(rows) > 1 else self.policy, None)
+                                    policy if len(rows) > 1 else self.policy, all_cancelled)
         except Exception as exc:
             for i, *_ in rows:
                 out[i] = exc

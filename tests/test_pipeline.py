@@ -209,3 +209,12 @@ def test_cli_json_and_errors(ckpt_factory, png_path: Path) -> None:
     assert set(out) == OUTPUT_KEYS and set(out["usage"]) == USAGE_KEYS and set(out["timings"]) == TIMING_KEYS
     bad = subprocess.run(cmd[:-3] + ["--steps", "5"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "num_inference_steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_batch_stops_a_fully_cancelled_group_at_the_next_block(pipe: Pipeline, png_path: Path) -> None:
+    calls: list[int] = []
+    reqs = [{**SMALL, "image_url": str(png_path)}, {**SMALL, "image_url": str(png_path), "prompt": "Hi there."}]
+    out = pipe.run_batch(reqs, should_cancel=[lambda: calls.append(0) or True, lambda: calls.append(1) or True])
+    assert all(isinstance(o, Cancelled) for o in out)
+    # one poll per row after the first block, one more per row when the results are assembled
+    assert len(calls) == 4

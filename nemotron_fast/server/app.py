@@ -1,0 +1,150 @@
+"""The FastAPI application: middleware (auth, body size, CORS), error handlers, lifespan and route wiring.
+
+``create_app(pipeline, config)`` is the whole server; ``nemotron-fast serve`` wraps it in uvicorn. Every error
+is JSON: 422 ``{"detail": [...]}`` for schema rules, 4xx for caller mistakes, 401 when ``api_key`` is set and
+the caller does not send it; a 500 only for a bug (then as JSON too).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from .. import __version__, errors
+from .openai_compat import build_openai_router
+from .routes import build_queue_router
+from .service import ServerConfig, Service
+from .storage import build_storage_router
+from .worker import PipelineLike
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("nemotron_fast.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+
+
+def _public_path(method: str, path: str) -> bool:
+    """Routes that never need the API key: preflight, file reads, upload PUTs (capability URL), key + docs."""
+    if method == "OPTIONS":
+        return True
+    if method in ("GET", "HEAD") and (path.startswith("/files/") or path in (
+            "/.well-known/jwks.json", "/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")):
+        return True
+    return method == "PUT" and path.startswith("/storage/upload/")
+
+
+class GuardMiddleware:
+    """Pure ASGI middleware: rejects oversized bodies (413) and, with an API key, unauthenticated calls (401)."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, cdn_token: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.accepted: list[bytes] = []
+        if api_key:
+            self.accepted = [f"Key {api_key}".encode(), f"Bearer {api_key}".encode()]
+        self.cdn = f"Bearer {cdn_token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
+                       send: Callable[[Message], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await _send_json(send, 413, {"detail": f"Request body larger than {self.max_body_bytes} bytes"})
+            return
+        if self.accepted and not _public_path(scope["method"], scope["path"]):
+            given = headers.get(b"authorization", b"").strip()
+            ok = any(hmac.compare_digest(given, key) for key in self.accepted)
+            if not ok and scope["path"] == "/files/upload":
+                ok = hmac.compare_digest(given, self.cdn)
+            if not ok:
+                await _send_json(send, 401, {"detail": "Invalid or missing API key: send 'Authorization: Key <key>'"},
+                                 extra=[(b"www-authenticate", b'Key realm="nemotron-fast"')])
+                return
+        await self.app(scope, receive, send)
+
+
+async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any],
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> FastAPI:
+    """The server as an ASGI app. Threads (model worker, webhooks) run while its lifespan is active."""
+    config = config or ServerConfig()
+    svc = Service(pipeline, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.start()
+        try:
+            yield
+        finally:
+            svc.stop()
+
+    app = FastAPI(
+        title="nemotron-fast server",
+        version=__version__,
+        description=f"Local drop-in for the hosted `{config.app_id}` endpoint: fal queue API, sync run, "
+                    "output streaming, storage, webhooks and an OpenAI-compatible chat endpoint.",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+
+    @app.exception_handler(errors.InputValidationError)
+    async def _input_error(request: Request, exc: errors.InputValidationError) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = []
+        for err in exc.errors():
+            # ``input`` may echo a megabyte data URI or a non-JSON object; ``ctx`` may hold exceptions.
+            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
+            if "ctx" in err:
+                item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                               for k, v in err["ctx"].items()}
+            detail.append(item)
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "Internal server error", "error_type": "internal_error"}, status_code=500)
+
+    @app.get("/health", tags=["server"])
+    def health() -> dict[str, Any]:
+        """Liveness: the worker thread is alive, and the number of requests per state."""
+        return {"status": "ok" if svc.worker.alive else "worker_stopped", "app_id": config.app_id,
+                "requests": svc.store.counts()}
+
+    @app.get("/.well-known/jwks.json", tags=["webhooks"])
+    def jwks() -> dict[str, Any]:
+        """Public key (OKP/Ed25519 JWKS) that verifies this server's webhook signatures."""
+        return svc.signer.jwks()
+
+    app.include_router(build_queue_router(svc))
+    app.include_router(build_storage_router(svc.files, svc.base_url, svc.cdn_token))
+    app.include_router(build_openai_router(svc))
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, cdn_token=svc.cdn_token,  # type: ignore[arg-type]
+                       max_body_bytes=config.max_body_bytes)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],  # type: ignore[arg-type]
+                       allow_headers=["*"], expose_headers=["x-fal-request-id"])
+    return app

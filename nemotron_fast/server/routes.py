@@ -1,0 +1,225 @@
+"""The fal queue API, the synchronous run and the output stream, all on one origin (spec sections 1-3, 10).
+
+Paths for app ``owner/alias``: submit ``POST /queue/owner/alias``; status, status stream, result and cancel under
+``/queue/owner/alias/requests/{id}`` (also accepted without ``/queue`` and with a trailing slash); sync run
+``POST /owner/alias``; output stream ``POST /owner/alias/stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import errors
+from .schemas import CancelResponse, ErrorDetail, NemotronInput, NemotronOutput, QueueStatus, QueueSubmitResponse
+from .service import Service, sse_event
+from .store import RequestRow
+from .webhooks import check_outbound_url
+
+__all__ = ["build_queue_router", "result_response", "validation_error"]
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorDetail}}
+
+
+def validation_error(detail: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def not_found(request_id: str) -> JSONResponse:
+    # No x-fal-request-id here: an unknown id is caller input, and may not even be a valid header value.
+    return JSONResponse({"detail": f"Request {request_id!r} not found"}, status_code=404)
+
+
+def result_response(row: RequestRow) -> JSONResponse:
+    """The stored result with its original status; ``x-fal-request-id`` always, ``X-Fal-Error-Type`` on errors."""
+    headers = {"x-fal-request-id": row.id}
+    if row.error_type and (row.status_code or 500) >= 400:
+        headers["X-Fal-Error-Type"] = row.error_type
+    body = json.loads(row.body) if row.body is not None else None
+    return JSONResponse(body, status_code=row.status_code or 500, headers=headers)
+
+
+def build_queue_router(svc: Service) -> APIRouter:
+    """Routes of the queue API and the run endpoints for ``svc.config.app_id``."""
+    router = APIRouter()
+    app_id = svc.config.app_id
+    store = svc.store
+
+    def check_inputs(body: NemotronInput) -> dict[str, Any] | JSONResponse:
+        inputs = body.to_pipeline()
+        try:
+            svc.validate(inputs)
+        except errors.InputValidationError as exc:
+            return validation_error(list(exc.errors))
+        return inputs
+
+    @router.post(f"/queue/{app_id}", response_model=QueueSubmitResponse, responses=_ERRORS, tags=["queue"])
+    def submit(request: Request, body: NemotronInput,
+               fal_webhook: str | None = Query(None, max_length=4096,
+                                               description="URL that receives the result as a signed POST."),
+               x_fal_queue_priority: Literal["normal", "low"] | None = Header(None),
+               x_fal_request_timeout: float | None = Header(None, gt=0, allow_inf_nan=False,
+                                                            description="Seconds the request may wait to start.")
+               ) -> JSONResponse:
+        """Queue a request; poll ``status_url``, fetch ``response_url``, or ``PUT cancel_url``."""
+        inputs = check_inputs(body)
+        if isinstance(inputs, JSONResponse):
+            return inputs
+        if fal_webhook is not None:
+            refusal = check_outbound_url(fal_webhook, allow_private=svc.config.allow_private_urls, resolve=False)
+            if refusal is not None:
+                return validation_error([{"loc": ["query", "fal_webhook"], "msg": f"fal_webhook {refusal}",
+                                          "type": "value_error", "input": fal_webhook}])
+        request_id, position = store.submit(inputs, webhook_url=fal_webhook,
+                                            priority=1 if x_fal_queue_priority == "low" else 0,
+                                            start_timeout=x_fal_request_timeout)
+        body_out = {"status": "IN_QUEUE", "request_id": request_id, "gateway_request_id": request_id,
+                    **svc.request_urls(request, request_id), "queue_position": position}
+        return JSONResponse(body_out, headers={"x-fal-request-id": request_id})
+
+    def status(request: Request, request_id: str,
+               logs: bool = Query(False, description="Include the cumulative logs (1/0/true/false).")
+               ) -> JSONResponse:
+        """202 while IN_QUEUE / IN_PROGRESS, 200 once COMPLETED (failures included, with ``error``)."""
+        row = store.get(request_id)
+        if row is None:
+            return not_found(request_id)
+        return JSONResponse(svc.status_body(request, row, with_logs=logs), status_code=200 if row.state == "done"
+                            else 202, headers={"x-fal-request-id": request_id})
+
+    async def status_stream(request: Request, request_id: str, logs: bool = Query(False)) -> Any:
+        """Server-sent status events (only new log lines per event); closed after the COMPLETED event."""
+        row = await to_thread.run_sync(store.get, request_id)
+        if row is None:
+            return not_found(request_id)
+        return StreamingResponse(_status_events(svc, request, request_id, logs), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, "x-fal-request-id": request_id})
+
+    def result(request_id: str) -> JSONResponse:
+        """The model output (200), or the failed request's original status and body."""
+        row = store.get(request_id)
+        if row is None:
+            return not_found(request_id)
+        if row.state != "done":
+            return JSONResponse({"detail": "Request is still in progress"}, status_code=400,
+                                headers={"x-fal-request-id": request_id})
+        return result_response(row)
+
+    def cancel(request_id: str) -> JSONResponse:
+        """202 CANCELLATION_REQUESTED; 400 ALREADY_COMPLETED; 404 NOT_FOUND."""
+        outcome = store.cancel(request_id)
+        if outcome == "not_found":
+            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+        code, status_text = (400, "ALREADY_COMPLETED") if outcome == "already_completed" else (
+            202, "CANCELLATION_REQUESTED")
+        return JSONResponse({"status": status_text}, status_code=code, headers={"x-fal-request-id": request_id})
+
+    owner_alias = app_id
+    routes: list[tuple[str, Any, str, dict[str, Any]]] = [
+        ("/status", status, "GET", {"response_model": QueueStatus, "status_code": 202,
+                                    "responses": {200: {"model": QueueStatus}, 404: {"model": ErrorDetail}}}),
+        ("/status/stream", status_stream, "GET", {"response_class": StreamingResponse, "responses": {
+            200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorDetail}}}),
+        ("", result, "GET", {"response_model": NemotronOutput, "responses": {
+            400: {"model": ErrorDetail}, 404: {"model": ErrorDetail}, 422: {"model": ErrorDetail},
+            500: {"model": ErrorDetail}}}),
+        ("/cancel", cancel, "PUT", {"response_model": CancelResponse, "status_code": 202, "responses": {
+            400: {"model": CancelResponse}, 404: {"model": CancelResponse}}}),
+    ]
+    for prefix in ("/queue", ""):
+        for suffix, endpoint, method, extra in routes:
+            for slash in ("", "/"):
+                path = f"{prefix}/{owner_alias}/requests/{{request_id}}{suffix}{slash}"
+                router.add_api_route(path, endpoint, methods=[method], tags=["queue"],
+                                     include_in_schema=prefix == "/queue" and not slash, **extra)
+
+    @router.post(f"/{app_id}", response_model=NemotronOutput, tags=["run"], responses={
+        **_ERRORS, 400: {"model": ErrorDetail}, 500: {"model": ErrorDetail}})
+    async def run_sync(request: Request, body: NemotronInput) -> JSONResponse:
+        """Run and wait: the body is the result (``x-fal-request-id`` header); errors keep their status."""
+        inputs = await to_thread.run_sync(check_inputs, body)
+        if isinstance(inputs, JSONResponse):
+            return inputs
+        request_id, _ = await to_thread.run_sync(lambda: store.submit(inputs, kind="sync"))
+        row = await svc.wait_done(request, request_id)
+        if row is None:
+            return JSONResponse({"detail": "Client disconnected"}, status_code=499)
+        return result_response(row)
+
+    @router.post(f"/{app_id}/stream", tags=["run"], response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+    async def run_stream(request: Request, body: NemotronInput) -> Any:
+        """SSE of ``{"output": text so far, "partial": true}`` per committed block, then the final result with
+        ``"partial": false``. Errors before the first block are plain JSON responses with their status."""
+        inputs = await to_thread.run_sync(check_inputs, body)
+        if isinstance(inputs, JSONResponse):
+            return inputs
+        request_id, _ = await to_thread.run_sync(lambda: store.submit(inputs, kind="stream"))
+        row = await svc.wait_done(request, request_id, until_partial=True)
+        if row is None:
+            return JSONResponse({"detail": "Client disconnected"}, status_code=499)
+        if row.state == "done" and (row.status_code or 500) >= 400:
+            return result_response(row)
+        return StreamingResponse(_output_events(svc, request_id), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, "x-fal-request-id": request_id})
+
+    return router
+
+
+async def _status_events(svc: Service, request: Request, request_id: str, with_logs: bool) -> AsyncIterator[bytes]:
+    store = svc.store
+    seen_version, last_log, last_key = -1, 0, None
+    last_beat = time.monotonic()
+    while True:
+        version = store.version(request_id)
+        if version != seen_version:
+            seen_version = version
+            row = await to_thread.run_sync(store.get, request_id)
+            if row is None:
+                return
+            new_logs = await to_thread.run_sync(store.logs, request_id, last_log) if with_logs else []
+            if new_logs:
+                last_log = new_logs[-1][0]
+            body = await to_thread.run_sync(
+                lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
+            key = (body["status"], body.get("queue_position"))
+            if new_logs or key != last_key:
+                last_key = key
+                last_beat = time.monotonic()
+                yield sse_event(json.dumps(body))
+            if row.state == "done":
+                return
+        if time.monotonic() - last_beat >= svc.config.keepalive_interval:
+            last_beat = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(0.1)
+
+
+async def _output_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for item in svc.partials(request_id):
+            if isinstance(item, str):
+                yield sse_event(json.dumps({"output": item, "partial": True})) if item else b": keep-alive\n\n"
+                continue
+            finished = True
+            body = json.loads(item.body) if item.body else {}
+            if (item.status_code or 500) < 400 and isinstance(body, dict):
+                yield sse_event(json.dumps({**body, "partial": False}))
+            else:
+                yield sse_event(json.dumps({"error": {"status_code": item.status_code, "detail": body.get("detail")
+                                                      if isinstance(body, dict) else body}, "partial": False}))
+    finally:
+        if not finished:
+            # The client went away mid-stream: nobody will read the rest, stop generating. (Synchronous: an
+            # await inside a cancelled scope would be cancelled again.)
+            svc.store.cancel(request_id)
+

@@ -1,0 +1,184 @@
+"""The one model worker: takes queued requests in batches and runs them through the pipeline.
+
+One thread owns the model. It claims up to ``max_batch`` queued requests at a time (oldest first) and runs
+them as one batched generation with ``Pipeline.run_batch``; a single request (and every streamed one) goes
+through ``Pipeline.run`` instead, which reports each committed block (partial output and a log line). Cancels
+are polled after every block; on shutdown the running requests stop at their next block and go back to the
+queue, so a restart runs them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .. import errors
+from .store import Outcome, RequestRow, RequestStore, cancelled_outcome
+
+__all__ = ["PipelineLike", "ModelWorker", "Cancelled", "outcome_for_exception"]
+
+logger = logging.getLogger("nemotron_fast.server")
+
+# The pipeline raises ``errors.Cancelled`` when ``should_cancel()`` turns true; tolerate an errors module that
+# predates it.
+Cancelled: type[Exception] = getattr(errors, "Cancelled", None) or type(
+    "Cancelled", (errors.NemotronFastError,), {"__doc__": "The request was cancelled between two blocks."}
+)
+
+
+class PipelineLike(Protocol):
+    """What the server needs from ``nemotron_fast.pipeline.Pipeline``."""
+
+    def validate(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
+
+    def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]: ...
+
+    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
+                  should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]: ...
+
+
+def outcome_for_exception(exc: BaseException) -> Outcome:
+    """Map a pipeline exception to the status and body the request's result endpoint returns."""
+    if isinstance(exc, errors.InputValidationError):
+        return Outcome(422, {"detail": exc.errors}, str(exc), "validation_error")
+    if isinstance(exc, Cancelled):
+        return cancelled_outcome()
+    if isinstance(exc, (errors.NemotronFastError, ValueError)):
+        return Outcome(400, {"detail": str(exc)}, str(exc), "bad_request")
+    message = f"Generation failed: {type(exc).__name__}: {exc}"
+    return Outcome(500, {"detail": message, "error_type": "internal_error"}, message, "internal_error")
+
+
+class ModelWorker:
+    """Background thread that drains the request queue through one pipeline."""
+
+    def __init__(self, pipeline: PipelineLike, store: RequestStore, *, max_batch: int = 8,
+                 allow_private_urls: bool = False,
+                 resolve_local: Callable[[str], str | None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.max_batch = max(1, int(max_batch))
+        self.allow_private_urls = allow_private_urls
+        self.resolve_local = resolve_local
+        self.batch_sizes: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="nemotron-fast-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the running batch reaches its next block; its requests go back to the queue."""
+        self._stop.set()
+        self.store.queue_changed.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rows = self.store.claim_batch(self.max_batch)
+            except Exception:  # a locked/busy database must not kill the only worker
+                logger.exception("claiming a batch failed")
+                time.sleep(0.5)
+                continue
+            if not rows:
+                self.store.queue_changed.wait(0.5)
+                continue
+            self.batch_sizes.append(len(rows))
+            try:
+                self.run_rows(rows)
+            except Exception:
+                logger.exception("worker batch failed")
+                for row in rows:
+                    self._finish(row, Outcome(500, {"detail": "Internal server error", "error_type": "internal_error"},
+                                              "Internal server error", "internal_error"), 0.0)
+
+    def _inputs(self, row: RequestRow) -> dict[str, Any]:
+        inputs = dict(row.input)
+        url = inputs.get("image_url")
+        if self.resolve_local is not None and isinstance(url, str):
+            local = self.resolve_local(url)
+            if local is not None:
+                # The server's own uploads are read from its data dir, not fetched over HTTP (no URL check).
+                inputs["image_url"] = local
+        return inputs
+
+    def _should_cancel(self, request_id: str) -> Callable[[], bool]:
+        return lambda: self._stop.is_set() or self.store.cancel_requested(request_id)
+
+    def _user_cancel(self, request_id: str) -> Callable[[], bool]:
+        return lambda: self.store.cancel_requested(request_id)
+
+    def run_rows(self, rows: list[RequestRow]) -> None:
+        """Run claimed requests (one batched generation, or one ``run`` with progress for a single row)."""
+        started = time.perf_counter()
+        inputs = [self._inputs(row) for row in rows]
+        results: list[dict[str, Any] | BaseException]
+        if len(rows) == 1:
+            results = [self._run_one(rows[0], inputs[0])]
+        else:
+            try:
+                # Only user cancels here: a batch may check them only once it is done, and a shutdown must not
+                # throw away finished rows (it waits for the batch instead).
+                results = list(self.pipeline.run_batch(
+                    inputs, allow_private_urls=self.allow_private_urls,
+                    should_cancel=[self._user_cancel(row.id) for row in rows]))
+                if len(results) != len(rows):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(rows)} inputs")
+            except Exception as exc:
+                # One bad row must not fail its neighbours: isolate by running each alone.
+                logger.warning("batched generation failed (%s); running the %d rows one by one", exc, len(rows))
+                results = [self._run_one(row, inp) for row, inp in zip(rows, inputs)]
+        elapsed = time.perf_counter() - started
+        for row, result in zip(rows, results):
+            if isinstance(result, BaseException):
+                if isinstance(result, Cancelled) and self._stop.is_set() and not self.store.cancel_requested(row.id):
+                    self.store.requeue(row.id)
+                    continue
+                if not isinstance(result, (errors.NemotronFastError, ValueError)):
+                    logger.error("request %s failed:\n%s", row.id,
+                                 "".join(traceback.format_exception(type(result), result, result.__traceback__)))
+                self._finish(row, outcome_for_exception(result), elapsed)
+            else:
+                self._log_usage(row.id, result, elapsed)
+                self._finish(row, Outcome(200, result), elapsed)
+
+    def _run_one(self, row: RequestRow, inputs: dict[str, Any]) -> dict[str, Any] | BaseException:
+        blocks = 0
+
+        def on_progress(text: str) -> None:
+            nonlocal blocks
+            blocks += 1
+            self.store.set_partial(row.id, text)
+            self.store.log(row.id, "INFO", f"Block {blocks} committed ({len(text)} characters so far)")
+
+        try:
+            return self.pipeline.run(inputs, on_progress=on_progress, should_cancel=self._should_cancel(row.id),
+                                     allow_private_urls=self.allow_private_urls,
+                                     log=lambda message: self.store.log(row.id, "INFO", str(message)))
+        except Exception as exc:
+            return exc
+
+    def _log_usage(self, request_id: str, result: dict[str, Any], elapsed: float) -> None:
+        usage = result.get("usage") if isinstance(result, dict) else None
+        if isinstance(usage, dict):
+            self.store.log(request_id, "INFO", f"Generated {usage.get('completion_tokens')} tokens with "
+                                               f"{usage.get('num_function_evals')} function evals in {elapsed:.3f} s")
+
+    def _finish(self, row: RequestRow, outcome: Outcome, elapsed: float) -> None:
+        self.store.finish(row.id, outcome, inference_time=round(elapsed, 6))
