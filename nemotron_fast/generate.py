@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.head_confidence import head_confidence_argmax
-from .kernels.select import select_unmask
+from .kernels.unmask import select_unmask
 from .model import KVCache, NLDModel
 from .sampling import GenerationResult, NoiseSource, SamplingPolicy, gumbel_argmax, resolve_schedule
 

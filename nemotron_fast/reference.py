@@ -163,7 +163,8 @@ def get_twin(model: Any) -> Any:
                         f"'checkpoint_path' attribute; got {type(model).__name__}")
     twin = load_twin(path, device=getattr(model, "device", "cpu"), dtype=getattr(model, "dtype", None))
     try:
-        model._nf_twin = twin
+        # plain attribute, not a registered submodule: the twin's weights stay out of parameters()/state_dict()
+        object.__setattr__(model, "_nf_twin", twin)
     except AttributeError:  # frozen / slotted objects: no cache, still correct
         pass
     return twin

@@ -277,6 +277,7 @@ def test_generate_builds_and_caches_the_twin_for_a_model_object(text_ckpt, text_
     cached = ours._nf_twin
     again = reference.generate(ours, ids, **kw)
     assert ours._nf_twin is cached
+    assert not any(k.startswith("_nf_twin") for k in ours.state_dict())
     direct = reference.generate(text_twin, ids, **kw)
     assert res.completion_ids == again.completion_ids == direct.completion_ids
     with pytest.raises(TypeError, match="checkpoint_path"):
