@@ -25,7 +25,7 @@ from .confidence import (
     plan_splits,
 )
 
-__all__ = ["head_confidence_argmax", "head_confidence_argmax_triton", "head_confidence_argmax_ref"]
+__all__ = ["head_confidence_argmax", "head_confidence_argmax_triton", "head_confidence_argmax_ref", "first_argmax"]
 
 
 @triton.jit(do_not_specialize=["exclude_id", "tiles_per_split", "seed", "offset"])
@@ -136,8 +136,32 @@ def _check_args(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature
     return shape, check_sampling_args(op, shape, weight.device, temperature, noise_u, exclude_id, seed, offset)
 
 
-# Upper bound on one chunk's fp32 logits in the CPU path (see head_confidence_argmax_ref).
+# Upper bound on one row chunk's logits in the CPU path (see head_confidence_argmax_ref).
 CPU_CHUNK_BYTES = 64 << 20
+# Width of the vocabulary segments first_argmax scans with a plain max before locating the index.
+_SEGMENT = 1024
+
+
+def first_argmax(key: torch.Tensor) -> torch.Tensor:
+    """``key.argmax(-1)`` (lowest index among equal maxima) for ``key`` [N, V], computed as a vectorised max over
+    1024-wide segments, then an index search inside the first segment holding the row maximum only. On a CPU
+    torch's argmax kernel is about ten times slower than this (it carries an index through the whole scan).
+    Returns int64 [N]."""
+    n, v = key.shape
+    segs = -(-v // _SEGMENT)
+    if segs * _SEGMENT != v:
+        key = F.pad(key, (0, segs * _SEGMENT - v), value=float("-inf"))
+    view = key.reshape(n, segs, _SEGMENT)
+    seg_max = view.amax(-1)
+    row_max = seg_max.amax(-1, keepdim=True)
+    # NaN rows fall back to torch's own argmax, which reports the first NaN
+    first_seg = (seg_max == row_max).to(torch.uint8).argmax(-1)
+    inner = view[torch.arange(n, device=key.device), first_seg].argmax(-1)
+    idx = first_seg * _SEGMENT + inner
+    nan_rows = torch.isnan(row_max.squeeze(-1))
+    if bool(nan_rows.any()):
+        idx = torch.where(nan_rows, key.argmax(-1), idx)
+    return idx
 
 
 def head_confidence_argmax_ref(
@@ -151,66 +175,50 @@ def head_confidence_argmax_ref(
     offset: int = 0,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference and CPU fast path of :func:`head_confidence_argmax`: ``F.linear`` over ``chunk`` rows of the
-    weight at a time with a running max / sum-exp / argmax, so no [N, V] tensor larger than the chunk is held.
+    """Reference and CPU fast path of :func:`head_confidence_argmax`, in plain torch: per chunk of rows,
+    ``F.linear`` then the choice (:func:`first_argmax` of the logits or of the Gumbel keys) and the confidence
+    from torch's fused softmax kernel, in the logits dtype exactly as the reference sampler computes it.
 
-    Arguments as in :func:`head_confidence_argmax`; ``chunk``: weight rows per ``F.linear``. The default keeps
-    one chunk's fp32 logits within ``CPU_CHUNK_BYTES``: on a CPU a few large ops beat many small ones (each
-    small parallel op pays a thread barrier, ruinous on a loaded machine). Returns ``x0`` [...] int64 and
-    ``conf`` [...] in ``weight.dtype``.
+    On a CPU this beats an online max / sum-exp over vocabulary tiles: torch's softmax is one vectorised pass,
+    where the online form needs several passes per tile plus a thread barrier each. Arguments as in
+    :func:`head_confidence_argmax`; ``chunk``: rows per ``F.linear`` (default: as many as keep one chunk's
+    logits within ``CPU_CHUNK_BYTES``). Returns ``x0`` [...] int64 and ``conf`` [...] in ``weight.dtype``.
     """
     shape, noise = _check_args("head_confidence_argmax_ref", hidden, weight, temperature, noise_u, exclude_id,
                                seed, offset)
     lead, vocab = shape[:-1], shape[-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
+    n = h2.shape[0]
     if chunk is None:
-        chunk = max(4096, CPU_CHUNK_BYTES // (4 * max(1, h2.shape[0])))
+        chunk = max(1, CPU_CHUNK_BYTES // (8 * vocab))
     if chunk < 1:
         raise ValueError(f"head_confidence_argmax_ref: chunk must be >= 1, got {chunk}.")
     u2 = noise_u.reshape(-1, vocab) if noise == 1 else None
-    n = h2.shape[0]
-    m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
-    s = torch.zeros_like(m)
-    best_key = torch.full((n,), float("-inf"), dtype=torch.float64 if noise else torch.float32,
-                          device=hidden.device)
-    # -1 = no candidate seen yet, so the first chunk always lands even when its keys are all -inf.
-    best_idx = torch.full((n,), -1, dtype=torch.int64, device=hidden.device)
-    best_logit = torch.zeros_like(m)
-    for v0 in range(0, vocab, chunk):
-        v1 = min(vocab, v0 + chunk)
-        logits = F.linear(h2, weight[v0:v1]).float()
-        excluded = exclude_id - v0 if exclude_id is not None and v0 <= exclude_id < v1 else None
-        if noise == 1:
-            u_chunk = u2[:, v0:v1]
-        elif noise == 2:
-            # The kernel's counters for this chunk: offset + row * V + v.
-            rows = torch.arange(n, dtype=torch.int64, device=weight.device)[:, None] * vocab
-            u_chunk = philox_uniform64_at(seed, offset + rows + torch.arange(v0, v1, device=weight.device))
-        if noise == 0 and excluded is None:
-            # Greedy: one max() gives the chunk's max and its first index.
-            c_max, c_idx = logits.max(dim=1)
-            c_key = c_max
+    x0 = torch.empty(n, dtype=torch.int64, device=hidden.device)
+    conf = torch.empty(n, dtype=weight.dtype, device=hidden.device)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        logits = F.linear(h2[r0:r1], weight)
+        if noise == 0:
+            key = logits
         else:
-            c_max = logits.amax(dim=1)
-            key = logits.clone() if noise == 0 else gumbel_key_ref(logits, temperature, u_chunk)
-            if excluded is not None:
-                key[:, excluded] = float("-inf")
-            c_key, c_idx = key.max(dim=1)
-            if excluded is not None:
-                # max() lands on the excluded column only when the whole chunk is -inf: take the next column.
-                c_idx = torch.where(c_idx == excluded, 1 if excluded == 0 else 0, c_idx)
-        if excluded is None or v1 - v0 > 1:
-            # Strictly greater: an earlier chunk keeps its (lower) index on ties.
-            take = (c_key > best_key) | (best_idx < 0)
-            best_key = torch.where(take, c_key, best_key)
-            best_idx = torch.where(take, c_idx + v0, best_idx)
-            best_logit = torch.where(take, logits.gather(1, c_idx[:, None]).squeeze(1), best_logit)
-        m_new = torch.maximum(m, c_max)
-        shift = torch.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * torch.exp(m - shift) + logits.sub_(shift[:, None]).exp_().sum(dim=1)
-        m = m_new
-    conf = (torch.exp(best_logit - m) / s).to(weight.dtype)
-    return best_idx.reshape(lead), conf.reshape(lead)
+            if noise == 1:
+                u = u2[r0:r1]
+            else:
+                # the kernel's counters: offset + row * V + v
+                rows = torch.arange(r0, r1, dtype=torch.int64, device=weight.device)[:, None] * vocab
+                u = philox_uniform64_at(seed, offset + rows + torch.arange(vocab, device=weight.device))
+            key = gumbel_key_ref(logits, temperature, u)
+        if exclude_id is not None:
+            key = key.clone() if key is logits else key
+            key[:, exclude_id] = float("-inf")
+        idx = first_argmax(key)
+        if exclude_id is not None:
+            # only an all -inf row lands on the excluded id; the lowest other index is the tie-break answer
+            idx = torch.where(idx == exclude_id, 1 if exclude_id == 0 else 0, idx)
+        x0[r0:r1] = idx
+        conf[r0:r1] = torch.softmax(logits, dim=-1).gather(1, idx[:, None]).squeeze(1)
+    return x0.reshape(lead), conf.reshape(lead)
 
 
 def head_confidence_argmax_triton(
