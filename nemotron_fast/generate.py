@@ -5,8 +5,10 @@ The loop is a handful of named functions over preallocated state (gpt-fast style
 - :func:`prefill` - vision tower + one causal forward over the prompt into a preallocated KV cache; only the
   last position goes through the head (it gives the first AR seed).
 - :func:`denoise_step` - the block attends to the cache in diffusion mode; its K/V land in the scratch slots
-  after the prefix (no concatenation), and the head runs only where the block is still masked, fused with the
-  confidence/argmax reduction so no softmax over the vocabulary is ever materialised.
+  after the prefix (no concatenation), and the head runs only where the block is still masked (CPU) or on the
+  fixed-shape block (CUDA). On CUDA the head is fused with the confidence/argmax reduction in one Triton kernel,
+  so the [N, V] logits never reach memory; on a CPU the fastest exact form is ``F.linear`` + a segment-max
+  argmax + torch's one-pass softmax per row chunk (see ``kernels/head_confidence.py``).
 - :func:`select` - forced top-1 + threshold (or even-schedule top-k) reveal, in place, on the device.
 - :func:`commit` - one causal forward over the finished block that overwrites the scratch slots with causal
   K/V; only the block's last position goes through the head (the next seed).
