@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from nemotron_fast import reference
 from nemotron_fast.kernels import (
     confidence_argmax,
     confidence_argmax_ref,
@@ -17,8 +19,6 @@ from nemotron_fast.kernels import (
     select_unmask,
     select_unmask_ref,
 )
-
-from nemotron_fast import reference
 
 from .conftest import TEKKEN_VOCAB
 

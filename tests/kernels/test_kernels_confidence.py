@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from nemotron_fast.kernels import confidence as mod
 from nemotron_fast.kernels._common import is_interpreted
 from nemotron_fast.kernels._philox import philox_uniform64_ref

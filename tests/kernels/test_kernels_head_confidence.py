@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from nemotron_fast.kernels import head_confidence as mod
 from nemotron_fast.kernels._common import is_interpreted
 from nemotron_fast.kernels._philox import philox_uniform64_ref

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from nemotron_fast.kernels._common import is_interpreted
 from nemotron_fast.kernels.kv_write import kv_write, kv_write_ref, kv_write_triton
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from nemotron_fast.kernels._common import is_interpreted
 from nemotron_fast.kernels._philox import philox4x32_10, philox_uniform64, philox_uniform64_ref
 

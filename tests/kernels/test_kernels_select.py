@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nemotron_fast.kernels import unmask as mod
 from nemotron_fast.kernels._common import is_interpreted
 from nemotron_fast.kernels.unmask import round_threshold, select_unmask, select_unmask_ref, select_unmask_triton

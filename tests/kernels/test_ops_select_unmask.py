@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nemotron_fast.kernels.unmask import select_unmask_ref
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from nemotron_fast import _ops
+from nemotron_fast.kernels.unmask import select_unmask_ref
 
 QUALNAME = "nemotron_fast::select_unmask"
 POLICIES = [None, 0.0, 0.5, 0.9, 1.0, "force_all"]
