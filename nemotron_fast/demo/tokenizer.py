@@ -1,0 +1,111 @@
+"""The demo model's tokenizer: a small byte-level BPE trained on the scene corpus, saved in the transformers
+format with the same chat template and special-token names as the project's tiny checkpoints
+(:mod:`nemotron_fast.testing.tokenizer_files`).
+
+The special block is compact: ids 0..19 keep the Tekken layout (``<s>`` 1, ``[INST]`` 3, ``[/INST]`` 4, ``[IMG]``
+10, the EOS in slot 11, ``[IMG_BREAK]`` 12, ``[IMG_END]`` 13) and id 20 is the MASK. Nothing in the package
+relies on these numbers: :func:`write_tokenizer` returns them and ``config.json`` declares them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .scenes import COLOURS, DESCRIBE_PROMPTS, NUMBER_WORDS, SHAPES, make_scene, scene_seed
+
+__all__ = ["SPECIAL_TOKENS", "scene_corpus", "train_tokenizer", "write_tokenizer", "read_token_ids"]
+
+_TEKKEN_SPECIALS = (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<|eos|>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+)
+SPECIAL_TOKENS: tuple[str, ...] = (*_TEKKEN_SPECIALS, "<|mask|>")
+_ROLES = {"bos_token_id": "<s>", "eos_token_id": "<|eos|>", "pad_token_id": "<|eos|>", "mask_token_id": "<|mask|>",
+          "image_token_id": "[IMG]", "image_break_token_id": "[IMG_BREAK]", "image_end_token_id": "[IMG_END]"}
+# Enough merges to make every corpus word one token; the trainer stops earlier when pairs run out.
+_MAX_MERGES = 400
+_CORPUS_SCENES = 3000
+
+
+def scene_corpus(n_scenes: int = _CORPUS_SCENES) -> Iterator[str]:
+    """Deterministic text corpus: every word of the scene language, then the text of ``n_scenes`` scenes."""
+    words = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBER_WORDS, "yes", "no", "nothing", "the", "a", "an",
+             "shape", "shapes"]
+    yield " ".join(words) + " " + " ".join(w.capitalize() for w in words)
+    yield from DESCRIBE_PROMPTS
+    for i in range(n_scenes):
+        s = make_scene(scene_seed("train", 0, i))
+        yield s.caption
+        for qa in s.qa:
+            yield qa.question
+            yield qa.answer
+
+
+def train_tokenizer(corpus: Iterable[str]) -> Any:
+    """Train the byte-level BPE (a ``tokenizers.Tokenizer``) with :data:`SPECIAL_TOKENS` at ids 0..N-1."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(SPECIAL_TOKENS) + 256 + _MAX_MERGES,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in SPECIAL_TOKENS])
+    for i, n in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(n) != i:
+            raise RuntimeError(f"special token {n!r} landed on id {tok.token_to_id(n)}, expected {i}")
+    return tok
+
+
+def write_tokenizer(path: str | Path, corpus: Iterable[str] | None = None) -> dict[str, int]:
+    """Train on ``corpus`` (default :func:`scene_corpus`) and write ``tokenizer.json``, ``tokenizer_config.json``
+    and ``special_tokens_map.json`` into ``path``.
+
+    Returns ``vocab_size`` and the role ids (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
+    ``mask_token_id``, ``image_token_id``, ``image_break_token_id``, ``image_end_token_id``) for ``config.json``.
+    """
+    from ..testing.tokenizer_files import CHAT_TEMPLATE
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(scene_corpus() if corpus is None else corpus)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": "<s>", "eos_token": "<|eos|>", "unk_token": "<unk>", "pad_token": "<|eos|>",
+                "mask_token": "<|mask|>"}
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 262144,
+        "chat_template": CHAT_TEMPLATE,
+        "extra_special_tokens": {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                                 "image_end_token": "[IMG_END]"},
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    ids = {role: tok.token_to_id(name) for role, name in _ROLES.items()}
+    return {"vocab_size": tok.get_vocab_size(), **ids}
+
+
+def read_token_ids(path: str | Path) -> dict[str, int]:
+    """``vocab_size`` and the role ids of the tokenizer files in ``path`` (as :func:`write_tokenizer` returns)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    ids = {role: tok.token_to_id(name) for role, name in _ROLES.items()}
+    missing = [role for role, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"{path}/tokenizer.json lacks the special tokens for {missing}")
+    return {"vocab_size": tok.get_vocab_size(), **ids}
