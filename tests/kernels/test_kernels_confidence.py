@@ -28,7 +28,7 @@ def _noise(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     return torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def _check(out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _assert_matches(out: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
     x0, conf = (t.cpu() for t in out)
     assert x0.dtype == torch.int64
     assert torch.equal(x0, ref[0]), f"x0 {x0.tolist()} != ref {ref[0].tolist()}"
@@ -42,7 +42,7 @@ def test_greedy_matches_ref(device, poison, dtype, rows, vocab, block_v, num_spl
     logits = _logits(rows, vocab, dtype)
     with poison():
         out = confidence_argmax_triton(logits.to(device), num_splits=num_splits, block_v=block_v)
-    _check(out, confidence_argmax_ref(logits))
+    _assert_matches(out, confidence_argmax_ref(logits))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -52,7 +52,7 @@ def test_gumbel_with_injected_noise_matches_ref(device, poison, dtype, temperatu
     logits, u = _logits(rows, vocab, dtype, seed=2), _noise((rows, vocab))
     with poison():
         out = confidence_argmax_triton(logits.to(device), temperature, u.to(device), num_splits=2, block_v=block_v)
-    _check(out, confidence_argmax_ref(logits, temperature, u))
+    _assert_matches(out, confidence_argmax_ref(logits, temperature, u))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,15 +65,15 @@ def test_seeded_noise_matches_ref_on_the_rebuilt_draw(device, poison, dtype, tem
         out = confidence_argmax_triton(logits.to(device), temperature, seed=seed, offset=offset, num_splits=2,
                                        block_v=block_v)
     expected = confidence_argmax_ref(logits, temperature, philox_uniform64_ref(seed, offset, shape))
-    _check(out, expected)
-    _check(confidence_argmax_ref(logits, temperature, seed=seed, offset=offset), expected)
+    _assert_matches(out, expected)
+    _assert_matches(confidence_argmax_ref(logits, temperature, seed=seed, offset=offset), expected)
 
 
 def test_seeded_noise_on_a_strided_view_uses_logical_indices(device):
     base = _logits(4, 200, torch.float32, seed=4)
     view = base.to(device)[::2, ::2]
     out = confidence_argmax_triton(view, 0.9, seed=7, offset=5, num_splits=2, block_v=32)
-    _check(out, confidence_argmax_ref(base[::2, ::2], 0.9, philox_uniform64_ref(7, 5, (2, 100))))
+    _assert_matches(out, confidence_argmax_ref(base[::2, ::2], 0.9, philox_uniform64_ref(7, 5, (2, 100))))
 
 
 def test_ref_gumbel_is_upstreams_formula():
@@ -112,7 +112,7 @@ def test_exclude_id(device, temperature):
         assert not (ref[0] == exclude).any()
         out = confidence_argmax_triton(logits.to(device), temperature, u.to(device), exclude, num_splits=3,
                                        block_v=16)
-        _check(out, ref)
+        _assert_matches(out, ref)
     if temperature == 0:
         assert torch.equal(confidence_argmax_ref(logits, exclude_id=40)[0], top)
 
@@ -146,7 +146,7 @@ def test_non_contiguous_and_batched_inputs(device, poison, dtype):
             out = confidence_argmax_triton(logits, temperature, noise, num_splits=2, block_v=64)
         ref = confidence_argmax_ref(logits.cpu(), temperature, None if noise is None else noise.cpu())
         assert out[0].shape == logits.shape[:-1]
-        _check(out, ref)
+        _assert_matches(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -231,4 +231,4 @@ def test_full_vocab_on_gpu(dtype):
     u = torch.rand(64, 131072, dtype=torch.float64, device="cuda")
     for temperature in (0.0, 0.7):
         out = confidence_argmax_triton(logits, temperature, u if temperature else None)
-        _check(out, confidence_argmax_ref(logits.cpu(), temperature, u.cpu() if temperature else None))
+        _assert_matches(out, confidence_argmax_ref(logits.cpu(), temperature, u.cpu() if temperature else None))

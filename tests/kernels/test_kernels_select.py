@@ -163,10 +163,15 @@ def test_strided_views_are_updated_in_place(device, dtype):
 
 def test_no_k_needed_with_threshold_or_force_all(device):
     x0, conf, block, is_mask, _, _ = _problem(2, 5, torch.float32)
-    for fn in (select_unmask_ref, select_unmask_triton):
-        for kwargs in (dict(threshold=0.5), dict(threshold=None, force_all=True)):
+    for kwargs in (dict(threshold=0.5), dict(threshold=None, force_all=True)):
+        outs = []
+        for fn in (select_unmask_ref, select_unmask_triton):
             dev = "cpu" if fn is select_unmask_ref else device
-            fn(x0.to(dev), conf.to(dev), block.clone().to(dev), is_mask.clone().to(dev), **kwargs)
+            b, m = block.clone().to(dev), is_mask.clone().to(dev)
+            outs.append((fn(x0.to(dev), conf.to(dev), b, m, **kwargs).cpu(), b.cpu(), m.cpu()))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        if kwargs.get("force_all"):
+            assert not outs[0][2].any()
 
 
 def test_dispatcher_routes_by_device_and_interpreter(monkeypatch):
