@@ -8,8 +8,6 @@ copies), ``generation_time`` (vision tower, prefill, denoise, commits), ``decode
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,30 +24,12 @@ __all__ = ["Pipeline", "default_model_path"]
 Sampler = Literal["fast", "reference"]
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nemotron_fast"
-
-
 def default_model_path() -> Path:
-    """The embedded default model: the trained demo checkpoint shipped in the package when present, otherwise
-    a tiny random checkpoint written once to the user cache directory."""
-    try:
-        from .demo import default_model_path as demo_path
+    """The embedded default model: the demo checkpoint trained here and shipped in the package
+    (``nemotron_fast/demo/assets/model``). Raises :class:`FileNotFoundError` naming what is missing."""
+    from .demo import default_model_path as demo_path
 
-        return demo_path()
-    except (ImportError, FileNotFoundError, AttributeError):
-        pass
-    from .testing import write_tiny_checkpoint
-
-    path = _cache_dir() / "default-tiny-vlm"
-    if not (path / "model.safetensors").is_file():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        write_tiny_checkpoint(tmp, vlm=True, seed=0, head_scale=8.0)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.replace(path)
-    return path
+    return demo_path()
 
 
 class Pipeline:

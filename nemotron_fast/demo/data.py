@@ -24,20 +24,25 @@ from typing import Any
 import torch
 
 from ..processing import image_token_ids, preprocess_image
-from .scenes import DESCRIBE_PROMPTS, make_scene, scene_seed
+from .scenes import CELL, COLOURS, DESCRIBE_PROMPTS, GRID, SHAPES, Scene, make_scene, scene_seed
 
-__all__ = ["Example", "Batch", "ExampleMaker", "collate"]
+# Questions that need a relation (left/right) or a filtered count are drawn more often: they learn slowest.
+KIND_WEIGHTS: dict[str, float] = {"left_of": 2.0, "right_of": 2.0, "count_shape": 2.0, "colour_of": 1.5}
+
+__all__ = ["KIND_WEIGHTS", "Example", "Batch", "ExampleMaker", "collate", "cell_labels", "NUM_CELL_CLASSES"]
 
 
 @dataclass
 class Example:
-    """One training example: ``prompt_ids`` (image tokens expanded), ``answer_ids`` (ending with EOS) and the
-    preprocessed image ``pixel_values`` float32 [3, H, W]."""
+    """One training example: ``prompt_ids`` (image tokens expanded), ``answer_ids`` (ending with EOS), the
+    preprocessed image ``pixel_values`` float32 [3, H, W] and ``cell_labels``: per image token (grid cell,
+    row-major) 0 for an empty cell, else ``1 + colour_index * len(SHAPES) + shape_index`` (vision pre-training)."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
     pixel_values: torch.Tensor
     kind: str
+    cell_labels: list[int]
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Batch:
     - ``pixel_values`` float32 [B, 3, H, W]; ``image_sizes`` int64 [B, 2]
     - ``ar_targets`` int64 [B, T]: the token each position predicts next, -100 where no AR loss
     - ``diff_targets`` int64 [B, T]: the clean token at each masked noisy position, -100 elsewhere
+    - ``cell_labels`` int64 [B * cells]: content class of every image token (see :func:`cell_labels`)
     """
 
     input_ids: torch.Tensor
@@ -57,6 +63,7 @@ class Batch:
     image_sizes: torch.Tensor
     ar_targets: torch.Tensor
     diff_targets: torch.Tensor
+    cell_labels: torch.Tensor
 
 
 class ExampleMaker:
@@ -97,11 +104,24 @@ class ExampleMaker:
         if rng.random() < self.caption_prob:
             question, answer, kind = rng.choice(DESCRIBE_PROMPTS), scene.caption, "caption"
         else:
-            qa = rng.choice(scene.qa)
+            qa = rng.choices(scene.qa, weights=[KIND_WEIGHTS.get(q.kind, 1.0) for q in scene.qa])[0]
             question, answer, kind = qa.question, qa.answer, qa.kind
         assert self.config.preprocessor is not None
         pix, (h, w) = preprocess_image(scene.image, self.config.preprocessor, self.config.spatial_merge_size)
-        return Example(list(self.prompt_ids(question, h, w)), list(self.answer_ids(answer)), pix, kind)
+        return Example(list(self.prompt_ids(question, h, w)), list(self.answer_ids(answer)), pix, kind,
+                       cell_labels(scene))
+
+
+def cell_labels(scene: Scene) -> list[int]:
+    """What each grid cell (= image token, row-major) holds: 0 empty, else 1 + colour * len(SHAPES) + shape."""
+    labels = [0] * (GRID * GRID)
+    colours = list(COLOURS)
+    for o in scene.objects:
+        labels[(o.y // CELL) * GRID + o.x // CELL] = 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
+    return labels
+
+
+NUM_CELL_CLASSES = 1 + len(COLOURS) * len(SHAPES)
 
 
 def collate(examples: list[Example], *, mask_id: int, eos_id: int, pad_id: int, block_length: int,
@@ -143,4 +163,5 @@ def collate(examples: list[Example], *, mask_id: int, eos_id: int, pad_id: int, 
         mask[r, 0, tc:, tc:] = True
     pix = torch.stack([e.pixel_values for e in examples])
     sizes = torch.tensor([list(e.pixel_values.shape[1:]) for e in examples], dtype=torch.long)
-    return Batch(ids, positions, mask, pix, sizes, ar, diff)
+    cells = torch.tensor([c for e in examples for c in e.cell_labels], dtype=torch.long)
+    return Batch(ids, positions, mask, pix, sizes, ar, diff, cells)

@@ -9,7 +9,6 @@ relies on these numbers: :func:`write_tokenizer` returns them and ``config.json`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,7 @@ def write_tokenizer(path: str | Path, corpus: Iterable[str] | None = None) -> di
     Returns ``vocab_size`` and the role ids (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
     ``mask_token_id``, ``image_token_id``, ``image_break_token_id``, ``image_end_token_id``) for ``config.json``.
     """
-    from ..testing.tokenizer_files import CHAT_TEMPLATE
+    from ..testing.tokenizer_files import write_tokenizer_config
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,19 +81,8 @@ def write_tokenizer(path: str | Path, corpus: Iterable[str] | None = None) -> di
     tok.save(str(out / "tokenizer.json"))
     specials = {"bos_token": "<s>", "eos_token": "<|eos|>", "unk_token": "<unk>", "pad_token": "<|eos|>",
                 "mask_token": "<|mask|>"}
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 262144,
-        "chat_template": CHAT_TEMPLATE,
-        "extra_special_tokens": {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
-                                 "image_end_token": "[IMG_END]"},
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    write_tokenizer_config(out, specials, {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                                           "image_end_token": "[IMG_END]"})
     ids = {role: tok.token_to_id(name) for role, name in _ROLES.items()}
     return {"vocab_size": tok.get_vocab_size(), **ids}
 

@@ -1,11 +1,18 @@
 """Train the demo NLD-VLM on procedural scenes: ``python -m nemotron_fast.demo.train --out DIR --seed S --steps N``.
 
-The model is :class:`nemotron_fast.model.NLDModel`, the inference code itself, built from a config dict. The
-objective is NLD's joint loss, ``AR + 0.3 * diffusion`` (see :mod:`nemotron_fast.demo.data` for the packing):
+The model is :class:`nemotron_fast.model.NLDModel`, the inference code itself, built from a config dict. Two
+stages, as a real VLM is built (the NLD-VLM's Pixtral tower comes pre-trained):
 
-- AR: cross-entropy of the clean stream's next-token logits on the answer tokens (EOS included);
-- diffusion: cross-entropy of the noisy block's logits at its masked positions, NOT shifted (logits[i]
-  predicts token i), the block attending bidirectionally to itself and causally-clean to the prefix.
+1. vision pre-training (``vision_pretrain_steps``): the vision tower and projector learn what each image token
+   shows - a linear probe on every projected token classifies its grid cell (empty, or colour x shape); the probe
+   is thrown away;
+2. the NLD joint objective, ``AR + 0.3 * diffusion``, on the text backbone and head with the vision tower and
+   projector frozen (``freeze_vision``; trained end to end, the weak early gradient from the language side wipes
+   the shape features out before the backbone learns to read them). See :mod:`nemotron_fast.demo.data`:
+
+   - AR: cross-entropy of the clean stream's next-token logits on the answer tokens (EOS included);
+   - diffusion: cross-entropy of the noisy block's logits at its masked positions, NOT shifted (logits[i]
+     predicts token i), the block attending bidirectionally to itself and to the clean prefix before it.
 
 Determinism: the initial weights come from ``torch.manual_seed(seed)``; example ``i`` of the run is scene
 ``train:<seed>:<i>``, and step ``s`` draws its block choice and mask pattern from a generator seeded with
@@ -35,7 +42,7 @@ import torch.nn.functional as F
 
 from ..config import NLDConfig
 from ..model import NLDModel
-from .data import Batch, ExampleMaker, collate
+from .data import NUM_CELL_CLASSES, Batch, ExampleMaker, collate
 from .scenes import IMAGE_SIZE
 
 __all__ = ["TrainConfig", "SIZES", "train", "build_model", "write_checkpoint_files", "image_features_batched",
@@ -59,16 +66,18 @@ class TrainConfig:
     """Hyper-parameters of one run; saved in the checkpoint so a resume continues the same run."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 20000
     size: str = "demo"
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-4
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_prob: float = 0.3
     diffusion_weight: float = 0.3
+    vision_pretrain_steps: int = 1500
+    freeze_vision: bool = True
     block_length: int = 32
     checkpoint_every: int = 200
     size_overrides: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +86,7 @@ class TrainConfig:
 def write_checkpoint_files(out: Path, size: dict[str, Any], tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Write the tokenizer (trained on the scene corpus, or copied from ``tokenizer_dir``), ``config.json``,
     ``generation_config.json`` and ``preprocessor_config.json`` into ``out``; returns the config dict."""
-    from ..testing.checkpoint import tiny_config_dict
+    from ..testing.checkpoint import write_config_files
     from .tokenizer import read_token_ids, write_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -87,28 +96,7 @@ def write_checkpoint_files(out: Path, size: dict[str, Any], tokenizer_dir: Path 
         ids = read_token_ids(out)
     else:
         ids = write_tokenizer(out)
-    cfg = tiny_config_dict(ids, vlm=True, dtype="float32", **size)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"],
-           "pad_token_id": ids["pad_token_id"]}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    v = cfg["vision_config"]
-    pre = {
-        "image_processor_type": "PixtralImageProcessor",
-        "processor_class": "PixtralProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "patch_size": v["patch_size"],
-        "rescale_factor": 1 / 255,
-        "resample": 3,
-        "size": {"longest_edge": v["image_size"]},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    return cfg
+    return write_config_files(out, ids, vlm=True, dtype="float32", **size)
 
 
 def _load_cfg(out: Path) -> NLDConfig:
@@ -155,9 +143,13 @@ def image_features_batched(model: NLDModel, pixel_values: torch.Tensor) -> torch
     return model.encoder.multi_modal_projector(x.reshape(n * gh * gw, -1), sizes)
 
 
-def compute_loss(model: NLDModel, batch: Batch, diffusion_weight: float) -> tuple[torch.Tensor, float, float]:
-    """Joint loss ``AR + diffusion_weight * diffusion`` -> (loss, ar value, diffusion value)."""
-    feats = image_features_batched(model, batch.pixel_values)
+def compute_loss(model: NLDModel, batch: Batch, diffusion_weight: float, *, train_vision: bool = True
+                 ) -> tuple[torch.Tensor, float, float]:
+    """Joint loss ``AR + diffusion_weight * diffusion`` -> (loss, ar value, diffusion value).
+
+    ``train_vision=False`` runs the vision tower and projector without autograd (they stay frozen)."""
+    with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+        feats = image_features_batched(model, batch.pixel_values)
     embeds = model.embed(batch.input_ids, image_features=feats)
     hidden = model.forward_hidden(embeds, attn_mask=batch.attn_mask, positions=batch.positions)
     ar_pos = batch.ar_targets != -100
@@ -167,18 +159,30 @@ def compute_loss(model: NLDModel, batch: Batch, diffusion_weight: float) -> tupl
     return ar + diffusion_weight * diff, float(ar.detach()), float(diff.detach())
 
 
+def vision_pretrain_loss(model: NLDModel, probe: torch.nn.Linear, batch: Batch) -> torch.Tensor:
+    """Stage 1: cross-entropy of a linear probe on every projected image token against its cell's content."""
+    feats = image_features_batched(model, batch.pixel_values)
+    return F.cross_entropy(probe(feats).float(), batch.cell_labels)
+
+
 def _lr_at(tc: TrainConfig, step: int) -> float:
+    """Stage 1 (vision pre-training): linear warm-up then constant. Stage 2: warm-up again, cosine to the end."""
+    k = tc.vision_pretrain_steps
+    if step < k:
+        return tc.lr * min(1.0, (step + 1) / max(1, min(tc.warmup_steps, k)))
+    step -= k
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    frac = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    frac = (step - tc.warmup_steps) / max(1, tc.steps - k - tc.warmup_steps)
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def _optimizer(model: NLDModel, tc: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: NLDModel, probe: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0},
+                              {"params": list(probe.parameters()), "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
 
 
 def _save_weights(model: NLDModel, out: Path) -> None:
@@ -190,10 +194,10 @@ def _save_weights(model: NLDModel, out: Path) -> None:
     os.replace(tmp, out / "model.safetensors")
 
 
-def _save_state(out: Path, model: NLDModel, opt: torch.optim.Optimizer, tc: TrainConfig, step: int,
-                history: list[dict[str, float]]) -> None:
-    state = {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(), "config": asdict(tc),
-             "history": history, "rng": torch.get_rng_state()}
+def _save_state(out: Path, model: NLDModel, probe: torch.nn.Module, opt: torch.optim.Optimizer, tc: TrainConfig,
+                step: int, history: list[dict[str, float]]) -> None:
+    state = {"step": step, "model": model.state_dict(), "probe": probe.state_dict(), "optimizer": opt.state_dict(),
+             "config": asdict(tc), "history": history, "rng": torch.get_rng_state()}
     tmp = out / (_STATE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / _STATE)
@@ -227,11 +231,14 @@ def train(out: str | Path, tc: TrainConfig, *, resume: bool = False, stop_at: in
     cfg = _load_cfg(out)
     maker = ExampleMaker(Processor.from_pretrained(out, cfg), tc.caption_prob)
     model = build_model(cfg, tc.seed)
-    opt = _optimizer(model, tc)
+    # the stage-1 probe lives only in train_state.pt; the shipped checkpoint is the plain model
+    probe = torch.nn.Linear(cfg.text.hidden_size, NUM_CELL_CLASSES, bias=False)
+    opt = _optimizer(model, probe, tc)
     history: list[dict[str, float]] = []
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, start = state["history"], state["step"]
@@ -250,22 +257,29 @@ def train(out: str | Path, tc: TrainConfig, *, resume: bool = False, stop_at: in
             lr = _lr_at(tc, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, ar, diff = compute_loss(model, batch, tc.diffusion_weight)
+            rec: dict[str, Any] = {"step": step}
+            if step < tc.vision_pretrain_steps:
+                loss = vision_pretrain_loss(model, probe, batch)
+                rec.update(stage="vision", vision=loss.item())
+                ar = diff = float("nan")
+            else:
+                loss, ar, diff = compute_loss(model, batch, tc.diffusion_weight, train_vision=not tc.freeze_vision)
+                rec.update(stage="nld", ar=ar, diff=diff)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
             opt.step()
-            rec = {"step": step, "loss": loss.item(), "ar": ar, "diff": diff, "lr": lr, "grad_norm": gnorm,
-                   "sec": time.perf_counter() - t0, "cpu_sec": time.process_time() - c0}
+            rec.update(loss=loss.item(), lr=lr, grad_norm=gnorm, sec=time.perf_counter() - t0,
+                       cpu_sec=time.process_time() - c0)
             history.append(rec)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", ar=f"{ar:.3f}", diff=f"{diff:.3f}")
+            bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.3f}", ar=f"{ar:.3f}", diff=f"{diff:.3f}")
             if (step + 1) % tc.checkpoint_every == 0 and step + 1 < end:
                 log.flush()
-                _save_state(out, model, opt, tc, step + 1, history)
-        _save_state(out, model, opt, tc, end, history)
+                _save_state(out, model, probe, opt, tc, step + 1, history)
+        _save_state(out, model, probe, opt, tc, end, history)
     finally:
         log.close()
         bar.close()
@@ -282,12 +296,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
+    ap.add_argument("--vision-pretrain-steps", type=int, default=TrainConfig.vision_pretrain_steps)
     ap.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt when present")
     ap.add_argument("--stop-at", type=int, default=None, help="stop after this many total steps (resumable)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     tc = TrainConfig(seed=a.seed, steps=a.steps, size=a.size, batch_size=a.batch_size, lr=a.lr,
-                     checkpoint_every=a.checkpoint_every)
+                     checkpoint_every=a.checkpoint_every, vision_pretrain_steps=a.vision_pretrain_steps)
     t0 = time.perf_counter()
     hist = train(a.out, tc, resume=a.resume, stop_at=a.stop_at, progress=not a.no_progress)
     last = hist[-1] if hist else {}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["write_tiny_checkpoint", "tiny_config_dict"]
+__all__ = ["write_tiny_checkpoint", "tiny_config_dict", "write_config_files"]
 
 _TEXT_DEFAULTS: dict[str, Any] = dict(
     hidden_size=64,
@@ -182,6 +182,38 @@ def _save_weights(weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def write_config_files(out: Path, token_ids: dict[str, int], *, vlm: bool, dtype: str,
+                       **size_overrides: Any) -> dict[str, Any]:
+    """Write ``config.json``, ``generation_config.json`` and (VLM) ``preprocessor_config.json`` for the token ids
+    of a tokenizer already in ``out``; returns the config dict (see :func:`tiny_config_dict`)."""
+    cfg = tiny_config_dict(token_ids, vlm=vlm, dtype=dtype, **size_overrides)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen_cfg = {
+        "bos_token_id": token_ids["bos_token_id"],
+        "eos_token_id": token_ids["eos_token_id"],
+        "pad_token_id": token_ids["pad_token_id"],
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    if vlm:
+        v = cfg["vision_config"]
+        pre = {
+            "image_processor_type": "PixtralImageProcessor",
+            "processor_class": "PixtralProcessor",
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "patch_size": v["patch_size"],
+            "rescale_factor": 1 / 255,
+            "resample": 3,
+            "size": {"longest_edge": v["image_size"]},
+        }
+        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return cfg
+
+
 def write_tiny_checkpoint(
     path: str | Path,
     *,
@@ -209,31 +241,7 @@ def write_tiny_checkpoint(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     token_ids = write_tokenizer_files(out, vocab=vocab, vlm=vlm)
-    cfg = tiny_config_dict(token_ids, vlm=vlm, dtype=str(dtype).removeprefix("torch."), **size_overrides)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen_cfg = {
-        "bos_token_id": token_ids["bos_token_id"],
-        "eos_token_id": token_ids["eos_token_id"],
-        "pad_token_id": token_ids["pad_token_id"],
-    }
-    (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    if vlm:
-        v = cfg["vision_config"]
-        pre = {
-            "image_processor_type": "PixtralImageProcessor",
-            "processor_class": "PixtralProcessor",
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "patch_size": v["patch_size"],
-            "rescale_factor": 1 / 255,
-            "resample": 3,
-            "size": {"longest_edge": v["image_size"]},
-        }
-        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    cfg = write_config_files(out, token_ids, vlm=vlm, dtype=str(dtype).removeprefix("torch."), **size_overrides)
     gen = torch.Generator().manual_seed(seed)
     _save_weights(_init_weights(cfg, gen, head_scale), out, dtype, shards)
     return out

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 __all__ = [
     "write_tokenizer_files",
+    "write_tokenizer_config",
     "special_token_names",
     "tekken_source_path",
     "CHAT_TEMPLATE",
@@ -240,6 +241,24 @@ def _cached_tekken_json() -> Path:
     return target
 
 
+def write_tokenizer_config(out: Path, specials: dict[str, str], image_tokens: dict[str, str] | None) -> None:
+    """Write ``tokenizer_config.json`` (fast tokenizer, the chat template, no automatic BOS/EOS; the image
+    tokens' names when given) and ``special_tokens_map.json`` beside a ``tokenizer.json``."""
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 262144,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    if image_tokens is not None:
+        tok_config["extra_special_tokens"] = dict(image_tokens)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+
+
 def write_tokenizer_files(path: str | Path, *, vocab: Literal["small", "tekken"], vlm: bool) -> dict[str, int]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into ``path``.
 
@@ -263,20 +282,11 @@ def write_tokenizer_files(path: str | Path, *, vocab: Literal["small", "tekken"]
     names = special_token_names()
     specials = {"bos_token": names[_BOS], "eos_token": _EOS_NAME, "unk_token": names[0], "pad_token": _EOS_NAME,
                 "mask_token": _MASK_NAME}
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 262144,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    image_tokens = None
     if vlm:
-        tok_config["extra_special_tokens"] = {"image_token": names[_IMG], "image_break_token": names[_IMG_BREAK],
-                                              "image_end_token": names[_IMG_END]}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+        image_tokens = {"image_token": names[_IMG], "image_break_token": names[_IMG_BREAK],
+                        "image_end_token": names[_IMG_END]}
+    write_tokenizer_config(out, specials, image_tokens)
     return {
         "vocab_size": vocab_size,
         "bos_token_id": _BOS,
