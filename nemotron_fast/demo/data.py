@@ -27,7 +27,7 @@ from ..processing import image_token_ids, preprocess_image
 from .scenes import CELL, COLOURS, DESCRIBE_PROMPTS, GRID, SHAPES, Scene, make_scene, scene_seed
 
 # Questions that need a relation (left/right) or a filtered count are drawn more often: they learn slowest.
-KIND_WEIGHTS: dict[str, float] = {"left_of": 2.0, "right_of": 2.0, "count_shape": 2.0, "colour_of": 1.5}
+KIND_WEIGHTS: dict[str, float] = {"left_of": 3.0, "right_of": 3.0, "count_shape": 2.0, "colour_of": 2.0}
 
 __all__ = ["KIND_WEIGHTS", "Example", "Batch", "ExampleMaker", "collate", "cell_labels", "NUM_CELL_CLASSES"]
 
@@ -36,13 +36,13 @@ __all__ = ["KIND_WEIGHTS", "Example", "Batch", "ExampleMaker", "collate", "cell_
 class Example:
     """One training example: ``prompt_ids`` (image tokens expanded), ``answer_ids`` (ending with EOS), the
     preprocessed image ``pixel_values`` float32 [3, H, W] and ``cell_labels``: per image token (grid cell,
-    row-major) 0 for an empty cell, else ``1 + colour_index * len(SHAPES) + shape_index`` (vision pre-training)."""
+    row-major) its content and its neighbours' (vision pre-training targets, see :func:`cell_labels`)."""
 
     prompt_ids: list[int]
     answer_ids: list[int]
     pixel_values: torch.Tensor
     kind: str
-    cell_labels: list[int]
+    cell_labels: list[tuple[int, int, int]]
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Batch:
     - ``pixel_values`` float32 [B, 3, H, W]; ``image_sizes`` int64 [B, 2]
     - ``ar_targets`` int64 [B, T]: the token each position predicts next, -100 where no AR loss
     - ``diff_targets`` int64 [B, T]: the clean token at each masked noisy position, -100 elsewhere
-    - ``cell_labels`` int64 [B * cells]: content class of every image token (see :func:`cell_labels`)
+    - ``cell_labels`` int64 [B * cells, 3]: content and neighbour classes of every image token
+      (see :func:`cell_labels`)
     """
 
     input_ids: torch.Tensor
@@ -112,12 +113,17 @@ class ExampleMaker:
                        cell_labels(scene))
 
 
-def cell_labels(scene: Scene) -> list[int]:
-    """What each grid cell (= image token, row-major) holds: 0 empty, else 1 + colour * len(SHAPES) + shape."""
-    labels = [0] * (GRID * GRID)
+def cell_labels(scene: Scene) -> list[tuple[int, int, int]]:
+    """Per grid cell (= image token, row-major): ``(content, left, right)``. ``content`` is 0 for an empty cell,
+    else ``1 + colour * len(SHAPES) + shape``; for a cell holding a shape, ``left`` / ``right`` are the content
+    classes of its neighbours in left-to-right order (0: none), for an empty cell -100 (no target)."""
     colours = list(COLOURS)
-    for o in scene.objects:
-        labels[(o.y // CELL) * GRID + o.x // CELL] = 1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
+    cls = [1 + colours.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in scene.objects]
+    labels = [(0, -100, -100)] * (GRID * GRID)
+    for i, o in enumerate(scene.objects):  # sorted left to right
+        left = cls[i - 1] if i > 0 else 0
+        right = cls[i + 1] if i + 1 < len(cls) else 0
+        labels[(o.y // CELL) * GRID + o.x // CELL] = (cls[i], left, right)
     return labels
 
 
@@ -163,5 +169,5 @@ def collate(examples: list[Example], *, mask_id: int, eos_id: int, pad_id: int, 
         mask[r, 0, tc:, tc:] = True
     pix = torch.stack([e.pixel_values for e in examples])
     sizes = torch.tensor([list(e.pixel_values.shape[1:]) for e in examples], dtype=torch.long)
-    cells = torch.tensor([c for e in examples for c in e.cell_labels], dtype=torch.long)
+    cells = torch.tensor([list(c) for e in examples for c in e.cell_labels], dtype=torch.long).view(-1, 3)
     return Batch(ids, positions, mask, pix, sizes, ar, diff, cells)
