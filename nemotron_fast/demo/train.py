@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import NLDConfig
+from ..config import NLDConfig, load_config
 from ..model import NLDModel
 from .data import NUM_CELL_CLASSES, Batch, ExampleMaker, collate
 from .scenes import IMAGE_SIZE
@@ -100,12 +100,6 @@ def write_checkpoint_files(out: Path, size: dict[str, Any], tokenizer_dir: Path 
     else:
         ids = write_tokenizer(out)
     return write_config_files(out, ids, vlm=True, dtype="float32", **size)
-
-
-def _load_cfg(out: Path) -> NLDConfig:
-    from ..config import load_config
-
-    return load_config(out)
 
 
 def build_model(cfg: NLDConfig, seed: int) -> NLDModel:
@@ -233,7 +227,7 @@ def train(out: str | Path, tc: TrainConfig, *, resume: bool = False, stop_at: in
     elif not resume or not (out / "config.json").is_file():
         size = dict(SIZES[tc.size], **tc.size_overrides)
         write_checkpoint_files(out, size, Path(tokenizer_dir) if tokenizer_dir is not None else None)
-    cfg = _load_cfg(out)
+    cfg = load_config(out)
     maker = ExampleMaker(Processor.from_pretrained(out, cfg), tc.caption_prob)
     model = build_model(cfg, tc.seed)
     # the stage-1 probe lives only in train_state.pt; the shipped checkpoint is the plain model
