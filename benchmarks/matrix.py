@@ -122,15 +122,16 @@ def _image(size: int, row: int) -> Any:
 def build_prompt(model: Any, kind: str, row: int = 0) -> Prompt:
     """One row's prompt of ``kind``: ``text`` (chat-templated question), ``image`` (one image, at most 448 px,
     plus a question) or ``long`` (the largest image the checkpoint takes, up to 880 px, plus filler text until
-    the prompt has >= 1000 tokens)."""
+    the prompt has >= 1000 tokens). "The largest image the checkpoint takes" is the smaller of the image
+    encoder's cap and the vision tower's ``image_size`` (the tiny test models' 224, the demo model's 112)."""
     proc, cfg = model.processor, model.config
     question = _QUESTIONS[row % len(_QUESTIONS)]
     if kind == "text":
         inp = proc.build_inputs(question)
     elif kind in ("image", "long"):
-        if not cfg.is_vlm or cfg.preprocessor is None:
+        if not cfg.is_vlm or cfg.image_encoder is None or cfg.vision is None:
             raise ValueError(f"prompt {kind!r} needs a VLM checkpoint")
-        edge = cfg.preprocessor.longest_edge
+        edge = min(cfg.image_encoder.max_image_size, cfg.vision.image_size)
         img = _image(min(edge, 448 if kind == "image" else 880), row)
         inp = proc.build_inputs(question, [img])
         if kind == "long" and inp.num_prompt_tokens < LONG_PROMPT_TOKENS:

@@ -23,6 +23,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--block-length", type=int, default=None)
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--sampler", choices=("fast", "reference"), default="fast")
+    g.add_argument("--thinking", action="store_true",
+                   help="let the model think first (the prompt ends with <think> instead of <think></think>)")
+    g.add_argument("--max-image-size", type=int, default=None,
+                   help="cap on the image's longest side in pixels before preprocessing (default: 1400)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     g.add_argument("--json", action="store_true", help="print the endpoint's output JSON")
@@ -55,7 +59,8 @@ def _generate(args: argparse.Namespace) -> int:
                      ("block_length", args.block_length), ("threshold", args.threshold)):
         if val is not None:
             inputs[key] = val
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler,
+                                    enable_thinking=args.thinking, max_image_size=args.max_image_size)
     out = pipe.run(inputs)
     if args.json:
         print(json.dumps(out))

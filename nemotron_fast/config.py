@@ -1,8 +1,9 @@
-"""Typed views of a checkpoint's ``config.json``, ``generation_config.json`` and ``preprocessor_config.json``.
+"""Typed views of a checkpoint's ``config.json``, ``generation_config.json``, the token strings of its tokenizer
+files and (optional) ``preprocessor_config.json``.
 
 Every model fact the package uses (token ids, sizes, RoPE settings, block size) is read here and nowhere else.
-A missing required field, an unknown architecture or two files that disagree raise :class:`ConfigError` naming
-the field.
+A missing required field, an unknown architecture, a token the tokenizer lacks or two files that disagree raise
+:class:`ConfigError` naming the field or the token.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ __all__ = [
     "RopeConfig",
     "TextConfig",
     "VisionConfig",
-    "PreprocessorConfig",
+    "ImageEncoderConfig",
+    "SpecialTokens",
     "NLDConfig",
     "load_config",
+    "read_added_tokens",
     "TEXT_MODEL_TYPE",
     "VLM_MODEL_TYPE",
 ]
@@ -29,8 +32,11 @@ __all__ = [
 TEXT_MODEL_TYPE = "nemotron_labs_diffusion"
 VLM_MODEL_TYPE = "nemotron_labs_diffusion_vlm"
 _ARCHS = {TEXT_MODEL_TYPE: "NemotronLabsDiffusionModel", VLM_MODEL_TYPE: "NemotronLabsDiffusionVLMModel"}
-# The upstream code keeps the image token id as a class constant; the shipped 8B config agrees on 10.
-_DEFAULT_IMAGE_TOKEN_ID = 10
+# mistral-common's image encoder, which the VLM's image_processing.py ports: the default cap on the longest side
+# and the CLIP statistics it normalises with.
+DEFAULT_MAX_IMAGE_SIZE = 1400
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _req(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, path: str | None) -> Any:
@@ -260,52 +266,109 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class PreprocessorConfig:
-    """Pixtral image preprocessing (``preprocessor_config.json``)."""
+class ImageEncoderConfig:
+    """The VLM's image encoder (upstream ``image_processing.py``, a port of mistral-common's ``ImageEncoder``).
+
+    The real checkpoint has no ``preprocessor_config.json``: these defaults are the contract. ``cell`` =
+    ``patch_size * spatial_merge_size`` (28) is one prompt token's side in pixels. When a checkpoint does ship a
+    ``preprocessor_config.json``, only its ``max_image_size`` is honoured (the default cap); its ``patch_size``,
+    ``spatial_merge_size``, ``image_mean`` and ``image_std`` must equal the contract if present (upstream's
+    encoder hard-codes them, so a file that disagrees describes another model: ConfigError); every other key
+    (``size``, ``resample``, ``do_*``: fields of transformers' Pixtral processor) is ignored, as upstream ignores
+    the file.
+    """
 
     patch_size: int
-    longest_edge: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    rescale_factor: float = 1.0 / 255.0
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-    do_convert_rgb: bool = True
+    spatial_merge_size: int
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+
+    @property
+    def cell(self) -> int:
+        return self.patch_size * self.spatial_merge_size
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], path: str | None) -> PreprocessorConfig:
-        w = ""
-        size = d.get("size") or {}
-        longest = size.get("longest_edge", d.get("longest_edge"))
-        if longest is None:
-            raise ConfigError("missing required field 'size.longest_edge'", field="size.longest_edge", path=path)
-        patch = d.get("patch_size")
+    def from_dict(cls, d: dict[str, Any] | None, patch_size: int, spatial_merge_size: int,
+                  path: str | None) -> ImageEncoderConfig:
+        d = d or {}
+        w = "preprocessor_config.json: "
+        patch = d.get("patch_size", patch_size)
         if isinstance(patch, dict):
-            patch = patch.get("height")
-        if patch is None:
-            raise ConfigError("missing required field 'patch_size'", field="patch_size", path=path)
-        mean = d.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
-        std = d.get("image_std", [0.26862954, 0.26130258, 0.27577711])
-        for name, v in (("image_mean", mean), ("image_std", std)):
-            if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-                raise ConfigError(f"field '{name}' must be a list of 3 numbers, got {v!r}", field=name, path=path)
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"field 'image_std' must be > 0, got {std}", field="image_std", path=path)
-        cfg = cls(
-            patch_size=int(_check_type(patch, "patch_size", int, w, path)),
-            longest_edge=int(_check_type(longest, "longest_edge", int, "size.", path)),
-            image_mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
-            image_std=tuple(float(x) for x in std),  # type: ignore[arg-type]
-            rescale_factor=_opt(d, "rescale_factor", float, 1.0 / 255.0, w, path),
-            do_resize=_opt(d, "do_resize", bool, True, w, path),
-            do_rescale=_opt(d, "do_rescale", bool, True, w, path),
-            do_normalize=_opt(d, "do_normalize", bool, True, w, path),
-            do_convert_rgb=_opt(d, "do_convert_rgb", bool, True, w, path),
-        )
-        _positive(cfg.patch_size, "patch_size", path)
-        _positive(cfg.longest_edge, "size.longest_edge", path)
-        return cfg
+            patch = patch.get("height", patch_size)
+        expected = {"patch_size": (patch, patch_size), "spatial_merge_size": (d.get("spatial_merge_size",
+                    spatial_merge_size), spatial_merge_size),
+                    "image_mean": (d.get("image_mean", list(CLIP_MEAN)), list(CLIP_MEAN)),
+                    "image_std": (d.get("image_std", list(CLIP_STD)), list(CLIP_STD))}
+        for name, (got, want) in expected.items():
+            if got != want:
+                raise ConfigError(f"{w}'{name}' is {got!r}, but the NLD image encoder uses {want!r}", field=name,
+                                  path=path)
+        cap = _opt(d, "max_image_size", int, DEFAULT_MAX_IMAGE_SIZE, "", path)
+        _positive(cap, "max_image_size", path)
+        return cls(patch_size=patch_size, spatial_merge_size=spatial_merge_size, max_image_size=cap)
+
+
+# Marker and chat tokens, resolved by their strings in the tokenizer (a config.json field of the listed names
+# wins where one exists): attribute -> (token string, config fields).
+_TOKEN_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "image_start": ("<|image_start|>", ("image_start_token_id",)),
+    "image_pad": ("<|image_pad|>", ("image_pad_token_id", "image_token_id", "image_token_index")),
+    "image_break": ("<|image_break|>", ("image_break_token_id",)),
+    "image_end": ("<|image_end|>", ("image_end_token_id",)),
+    "im_start": ("<|im_start|>", ("im_start_token_id",)),
+    "im_end": ("<|im_end|>", ("im_end_token_id",)),
+    "think": ("<think>", ("think_token_id", "think_start_token_id")),
+    "think_end": ("</think>", ("think_end_token_id",)),
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the image markers and chat tokens (None where neither the config nor the tokenizer has one).
+
+    Vision features replace the embeddings at ``image_pad`` positions only; ``image_start``, ``image_break`` and
+    ``image_end`` keep their token embeddings.
+    """
+
+    image_start: int | None = None
+    image_pad: int | None = None
+    image_break: int | None = None
+    image_end: int | None = None
+    im_start: int | None = None
+    im_end: int | None = None
+    think: int | None = None
+    think_end: int | None = None
+
+    @classmethod
+    def resolve(cls, config: dict[str, Any], tokens: dict[str, int] | None, path: str | None) -> SpecialTokens:
+        """Config fields first, then ``tokens`` (token string -> id, the tokenizer's added tokens)."""
+        out: dict[str, int | None] = {}
+        for attr, (text, fields) in _TOKEN_NAMES.items():
+            value = next((config[f] for f in fields if config.get(f) is not None), None)
+            if value is not None:
+                value = _check_type(value, fields[0], int, "", path)
+            elif tokens is not None:
+                value = tokens.get(text)
+            out[attr] = value
+        return cls(**out)
+
+    def require(self, *attrs: str, path: str | None = None) -> tuple[int, ...]:
+        """The ids of ``attrs``; ConfigError naming the first token neither the tokenizer nor the config has."""
+        ids = []
+        for attr in attrs:
+            value = getattr(self, attr)
+            if value is None:
+                text, fields = _TOKEN_NAMES[attr]
+                raise ConfigError(f"the tokenizer has no {text!r} token and config.json has no '{fields[0]}'",
+                                  field=text, path=path)
+            ids.append(value)
+        return tuple(ids)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {attr: getattr(self, attr) for attr in _TOKEN_NAMES}
+
+    @staticmethod
+    def token_text(attr: str) -> str:
+        return _TOKEN_NAMES[attr][0]
 
 
 @dataclass(frozen=True)
@@ -325,15 +388,13 @@ class NLDConfig:
     block_size: int
     dtype: str | None
     vision: VisionConfig | None = None
-    image_token_id: int | None = None
-    image_break_token_id: int | None = None
-    image_end_token_id: int | None = None
+    special: SpecialTokens = field(default_factory=SpecialTokens)
     spatial_merge_size: int = 2
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = False
     vision_feature_layer: int = -1
     dlm_paradigm: str | None = None
-    preprocessor: PreprocessorConfig | None = None
+    image_encoder: ImageEncoderConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -348,9 +409,18 @@ class NLDConfig:
     def vocab_size(self) -> int:
         return self.text.vocab_size
 
+    @property
+    def image_pad_token_id(self) -> int:
+        """The id whose embeddings the vision features replace (``<|image_pad|>``); ConfigError if unknown."""
+        return self.special.require("image_pad")[0]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, generation: dict[str, Any] | None = None,
-                  preprocessor: dict[str, Any] | None = None, path: str | None = None) -> NLDConfig:
+                  preprocessor: dict[str, Any] | None = None, tokens: dict[str, int] | None = None,
+                  path: str | None = None) -> NLDConfig:
+        """Build from a ``config.json`` dict. ``tokens`` maps the tokenizer's added-token strings to ids (see
+        :func:`read_added_tokens`); the image markers and chat tokens are resolved from it by name, a config
+        field winning. A VLM needs at least ``<|image_pad|>``."""
         if not isinstance(d, dict):
             raise ConfigError("config.json must hold a JSON object", path=path)
         mt = d.get("model_type")
@@ -390,10 +460,6 @@ class NLDConfig:
                 raise ConfigError(f"'vision_feature_layer' {vfl} is out of range for "
                                   f"{vision.num_hidden_layers} vision layers", field="vision_feature_layer", path=path)
             kw = dict(
-                image_token_id=_opt(d, "image_token_id", int, _opt(d, "image_token_index", int,
-                                                                   _DEFAULT_IMAGE_TOKEN_ID, "", path), "", path),
-                image_break_token_id=_opt(d, "image_break_token_id", int, None, "", path),
-                image_end_token_id=_opt(d, "image_end_token_id", int, None, "", path),
                 spatial_merge_size=_opt(d, "spatial_merge_size", int, 2, "", path),
                 projector_hidden_act=act,
                 multimodal_projector_bias=_opt(d, "multimodal_projector_bias", bool, False, "", path),
@@ -403,12 +469,11 @@ class NLDConfig:
             if kw["multimodal_projector_bias"]:
                 raise ConfigError("'multimodal_projector_bias' true is not supported",
                                   field="multimodal_projector_bias", path=path)
-            if preprocessor is not None:
-                pre = PreprocessorConfig.from_dict(preprocessor, path)
-                if pre.patch_size != vision.patch_size:
-                    raise ConfigError(f"preprocessor_config.json 'patch_size' {pre.patch_size} != "
-                                      f"vision_config.patch_size {vision.patch_size}", field="patch_size", path=path)
-                kw["preprocessor"] = pre
+            kw["image_encoder"] = ImageEncoderConfig.from_dict(preprocessor, vision.patch_size,
+                                                               kw["spatial_merge_size"], path)
+        special = SpecialTokens.resolve(d, tokens, path)
+        if vision is not None:
+            special.require("image_pad", path=path)
         cfg = cls(
             model_type=mt,
             text=text,
@@ -419,13 +484,14 @@ class NLDConfig:
             block_size=block,
             dtype=d.get("dtype") or d.get("torch_dtype"),
             vision=vision,
+            special=special,
             dlm_paradigm=d.get("dlm_paradigm"),
             raw=d,
             **kw,
         )
         ids = {"mask_token_id": cfg.mask_token_id, "bos_token_id": cfg.bos_token_id,
-               "pad_token_id": cfg.pad_token_id, "image_token_id": cfg.image_token_id,
-               "image_break_token_id": cfg.image_break_token_id, "image_end_token_id": cfg.image_end_token_id}
+               "pad_token_id": cfg.pad_token_id,
+               **{SpecialTokens.token_text(k): v for k, v in special.as_dict().items()}}
         ids.update({f"eos_token_id[{i}]": e for i, e in enumerate(cfg.eos_token_ids)})
         for name, v in ids.items():
             if v is not None and not 0 <= v < text.vocab_size:
@@ -461,8 +527,31 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
     return data
 
 
+def read_added_tokens(root: str | Path) -> dict[str, int] | None:
+    """Token string -> id of every added token in the tokenizer files of checkpoint directory ``root``
+    (``tokenizer.json``'s ``added_tokens`` and ``tokenizer_config.json``'s ``added_tokens_decoder``; the latter
+    wins). None when the directory has neither file."""
+    root = Path(root)
+    found: dict[str, int] = {}
+    seen = False
+    tj = _read_json(root / "tokenizer.json", False)
+    if tj is not None:
+        seen = True
+        for t in tj.get("added_tokens") or []:
+            if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
+                found[t["content"]] = t["id"]
+    tc = _read_json(root / "tokenizer_config.json", False)
+    if tc is not None:
+        seen = True
+        for i, t in (tc.get("added_tokens_decoder") or {}).items():
+            if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
+                found[t["content"]] = int(i)
+    return found if seen else None
+
+
 def load_config(path: str | Path) -> NLDConfig:
-    """Read ``config.json`` (+ ``generation_config.json``, ``preprocessor_config.json`` when present) in ``path``."""
+    """Read ``config.json`` (+ ``generation_config.json``, the tokenizer files' added tokens and an optional
+    ``preprocessor_config.json``) in ``path``."""
     root = Path(path)
     if not root.is_dir():
         raise ConfigError(f"checkpoint directory {root} does not exist")
@@ -470,7 +559,5 @@ def load_config(path: str | Path) -> NLDConfig:
     gen = _read_json(root / "generation_config.json", False)
     pre = _read_json(root / "preprocessor_config.json", False)
     assert d is not None
-    cfg = NLDConfig.from_dict(d, generation=gen, preprocessor=pre, path=str(root / "config.json"))
-    if cfg.is_vlm and cfg.preprocessor is None:
-        raise ConfigError("a VLM checkpoint needs preprocessor_config.json", path=str(root))
-    return cfg
+    return NLDConfig.from_dict(d, generation=gen, preprocessor=pre, tokens=read_added_tokens(root),
+                               path=str(root / "config.json"))

@@ -3,7 +3,10 @@ sampler, reusing the object's own weight tensors (no copy); ``unpatch(model)`` r
 
 The object needs the upstream module layout (``encoder.embed_tokens``, ``encoder.layers``, ``encoder.norm``,
 for the VLM ``encoder.vision_tower`` and ``encoder.multi_modal_projector``, and ``diffusion_head``) and a
-``config`` (a transformers config with ``to_dict()``, a plain dict, or an :class:`NLDConfig`).
+``config`` (a transformers config with ``to_dict()``, a plain dict, or an :class:`NLDConfig`). The real VLM
+config holds no image-marker ids, so the id of ``<|image_pad|>`` (where vision features go) is read, in this
+order, from ``tokenizer=`` (a transformers tokenizer), the tokenizer files in the object's ``name_or_path``
+directory, or the object's own ``IMAGE_TOKEN_ID`` (upstream's class constant).
 Both upstream call shapes are accepted: the VLM's ``generate(input_ids, pixel_values=..., image_sizes=...,
 max_new_tokens=..., steps=..., block_length=..., threshold=..., shift_logits=False, eos_token_id=...)`` and the
 text LM's ``generate(prompt_ids, max_new_tokens, block_length, threshold=None, causal_context=True,
@@ -13,11 +16,12 @@ temperature=0.0, eos_token_id=None, ...)`` (no ``steps``: block_length steps per
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import NLDConfig
+from .config import NLDConfig, read_added_tokens
 from .model import NLDModel
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -25,7 +29,22 @@ __all__ = ["patch", "unpatch", "is_patched"]
 _ATTR = "_nemotron_fast"
 
 
-def _config_of(model: Any) -> NLDConfig:
+def _added_tokens(model: Any, tokenizer: Any) -> dict[str, int]:
+    """Token string -> id of the added tokens the upstream object comes with (see the module docstring)."""
+    tokens: dict[str, int] = {}
+    if tokenizer is not None:
+        tokens.update({str(k): int(v) for k, v in tokenizer.get_added_vocab().items()})
+    else:
+        path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if isinstance(path, (str, Path)) and Path(path).is_dir():
+            tokens.update(read_added_tokens(path) or {})
+    own = getattr(model, "IMAGE_TOKEN_ID", None)
+    if "<|image_pad|>" not in tokens and isinstance(own, int):
+        tokens["<|image_pad|>"] = own
+    return tokens
+
+
+def _config_of(model: Any, tokenizer: Any = None) -> NLDConfig:
     cfg = getattr(model, "config", None)
     if isinstance(cfg, NLDConfig):
         return cfg
@@ -34,7 +53,8 @@ def _config_of(model: Any) -> NLDConfig:
     if not isinstance(cfg, dict):
         raise TypeError("patch() needs a model with a `config` (transformers config, dict or NLDConfig)")
     gen = getattr(model, "generation_config", None)
-    return NLDConfig.from_dict(cfg, generation=gen.to_dict() if hasattr(gen, "to_dict") else None)
+    return NLDConfig.from_dict(cfg, generation=gen.to_dict() if hasattr(gen, "to_dict") else None,
+                               tokens=_added_tokens(model, tokenizer))
 
 
 def _shadow_model(model: Any, cfg: NLDConfig) -> NLDModel:
@@ -96,13 +116,16 @@ def _fast_generate(ours: NLDModel, original: Any, return_nfe: bool):
     return generate_patched
 
 
-def patch(model: Any, *, return_nfe: bool = True) -> Any:
-    """Replace ``model.generate`` by the fast sampler (same tokens and NFE as upstream). Returns ``model``."""
+def patch(model: Any, *, return_nfe: bool = True, tokenizer: Any = None) -> Any:
+    """Replace ``model.generate`` by the fast sampler (same tokens and NFE as upstream). Returns ``model``.
+
+    ``tokenizer`` (optional) is the checkpoint's transformers tokenizer, used to resolve the image markers by
+    name when the object's ``name_or_path`` is not a local checkpoint directory."""
     if is_patched(model):
         return model
     if not hasattr(model, "encoder") or not hasattr(model, "diffusion_head"):
         raise TypeError("patch() needs the upstream module layout: `encoder.*` and `diffusion_head`")
-    cfg = _config_of(model)
+    cfg = _config_of(model, tokenizer)
     ours = _shadow_model(model, cfg)
     had_own = "generate" in vars(model)
     original = getattr(model, "generate", None)

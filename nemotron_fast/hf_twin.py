@@ -104,7 +104,7 @@ def build_projector_config(cfg: NLDConfig, text_config: Ministral3Config,
         attn_implementation=text_config._attn_implementation,
         vision_config=vision_config,
         text_config=text_config,
-        image_token_index=cfg.image_token_id,
+        image_token_index=cfg.image_pad_token_id,
         projector_hidden_act=cfg.projector_hidden_act,
         vision_feature_layer=cfg.vision_feature_layer,
         multimodal_projector_bias=cfg.multimodal_projector_bias,
@@ -197,11 +197,11 @@ class TwinModel(nn.Module):
             image_sizes = torch.tensor([[h, w]] * n, dtype=torch.long)
         image_sizes = image_sizes.to(device=self.device, dtype=torch.long)
         feats = self.image_features(pixel_values, image_sizes)
-        is_image = input_ids.to(self.device) == self.config.image_token_id
+        is_image = input_ids.to(self.device) == self.config.image_pad_token_id
         n_tokens = int(is_image.sum())
         if n_tokens != feats.shape[0]:
             raise ValueError(f"image features and image tokens do not match: {n_tokens} image tokens "
-                             f"(id {self.config.image_token_id}) in input_ids, {feats.shape[0]} features from "
+                             f"(id {self.config.image_pad_token_id}) in input_ids, {feats.shape[0]} features from "
                              f"pixel_values {tuple(pixel_values.shape)} with image_sizes {image_sizes.tolist()}")
         return embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), feats.to(embeds.dtype))
 

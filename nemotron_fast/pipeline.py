@@ -37,8 +37,11 @@ class Pipeline:
 
     def __init__(self, model: Any, *, sampler: Sampler = "fast", policy: SamplingPolicy | None = None,
                  fetch_timeout: float = 10.0, max_image_bytes: int = 20 * 2**20,
-                 max_image_pixels: int = 50_000_000) -> None:
-        """``fetch_timeout`` (s), ``max_image_bytes`` and ``max_image_pixels`` bound every image input."""
+                 max_image_pixels: int = 50_000_000, enable_thinking: bool = False,
+                 max_image_size: int | None = None) -> None:
+        """``fetch_timeout`` (s), ``max_image_bytes`` and ``max_image_pixels`` bound every image input.
+        ``enable_thinking`` ends the prompt with ``<think>\\n`` instead of ``<think></think>``; ``max_image_size``
+        caps each image's longest side before preprocessing (default: the checkpoint's, 1400)."""
         if sampler not in ("fast", "reference"):
             raise ValueError(f"sampler must be 'fast' or 'reference', got {sampler!r}")
         self.model = model
@@ -46,6 +49,7 @@ class Pipeline:
         self.sampler = sampler
         self.policy = policy or SamplingPolicy()
         self.image_limits = {"timeout": fetch_timeout, "max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
+        self.prompt_options = {"enable_thinking": bool(enable_thinking), "max_image_size": max_image_size}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str | torch.device = "cpu",
@@ -88,7 +92,7 @@ class Pipeline:
         t1 = time.perf_counter()
         if not self.model.config.is_vlm:
             raise InputValidationError.single("image_url", "this checkpoint is a text model and takes no image")
-        proc = self.processor.build_inputs(p.prompt, [image])
+        proc = self.processor.build_inputs(p.prompt, [image], **self.prompt_options)
         t2 = time.perf_counter()
         return p, proc, {"image_validation_time": t1 - t0, "preprocessing_time": t2 - t1}
 

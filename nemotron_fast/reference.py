@@ -199,7 +199,7 @@ def _validate(twin: Any, input_ids: Any, pixel_values: Any, image_sizes: Any, te
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be None or a number in [0, 1], got {threshold!r}")
-    image_id = getattr(cfg, "image_token_id", None)
+    image_id = cfg.image_pad_token_id if getattr(cfg, "is_vlm", False) else None
     n_image_tokens = int((input_ids == image_id).sum()) if image_id is not None else 0
     if pixel_values is None:
         if image_sizes is not None:

@@ -33,9 +33,13 @@ def test_reads_every_fact_from_the_files(vlm_ckpt: Path, text_ckpt: Path) -> Non
     cfg = load_config(vlm_ckpt)
     raw = json.loads((vlm_ckpt / "config.json").read_text())
     assert cfg.is_vlm and cfg.mask_token_id == raw["mask_token_id"] and cfg.eos_token_id == raw["eos_token_id"]
-    assert cfg.image_token_id == raw["image_token_id"] and cfg.text.vocab_size == raw["vocab_size"]
+    assert cfg.text.vocab_size == raw["vocab_size"]
+    # the image markers come from the tokenizer by name, as config.json holds none
+    added = {t["content"]: t["id"] for t in json.loads((vlm_ckpt / "tokenizer.json").read_text())["added_tokens"]}
+    assert cfg.image_pad_token_id == added["<|image_pad|>"] and cfg.special.image_end == added["<|image_end|>"]
     assert cfg.text.rope.rope_type == "yarn" and cfg.text.rope.llama_4_scaling_beta == 0.1
-    assert cfg.preprocessor is not None and cfg.preprocessor.patch_size == cfg.vision.patch_size
+    assert cfg.image_encoder is not None and cfg.image_encoder.patch_size == cfg.vision.patch_size
+    assert cfg.image_encoder.cell == 28 and cfg.image_encoder.max_image_size == 1400
     tcfg = load_config(text_ckpt)
     assert not tcfg.is_vlm and tcfg.vision is None
 
@@ -67,13 +71,15 @@ def test_bad_config_names_the_field(vlm_ckpt: Path, tmp_path: Path, changes: dic
 
 def test_inconsistent_files(vlm_ckpt: Path, tmp_path: Path) -> None:
     path = _copy(vlm_ckpt, tmp_path / "c")
-    pre = json.loads((path / "preprocessor_config.json").read_text())
-    pre["patch_size"] = 16
-    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    (path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 16, "max_image_size": 700}))
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(path)
-    (path / "preprocessor_config.json").unlink()
-    with pytest.raises(ConfigError, match="preprocessor_config"):
+    (path / "preprocessor_config.json").write_text(json.dumps({"max_image_size": 700}))
+    assert load_config(path).image_encoder.max_image_size == 700
+    # without tokenizer files nothing names the image pad: a VLM cannot load
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (path / f).unlink()
+    with pytest.raises(ConfigError, match=r"<\|image_pad\|>"):
         load_config(path)
     (path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -122,10 +122,13 @@ def test_tokenizer_round_trips_and_keeps_the_special_ids(tok_dir: Path) -> None:
         assert tok.decode(ids) == text
     assert len(tok.encode(" circles", add_special_tokens=False)) == 1
     ids = read_token_ids(tok_dir)
-    for role in ("bos_token_id", "eos_token_id", "mask_token_id", "image_token_id", "image_break_token_id",
-                 "image_end_token_id"):
+    for role in ("bos_token_id", "eos_token_id", "mask_token_id"):
         assert tok.convert_ids_to_tokens(ids[role]) == SPECIAL_TOKENS[ids[role]]
-    assert len({ids["eos_token_id"], ids["mask_token_id"], ids["image_token_id"], ids["bos_token_id"]}) == 4
+    # the real checkpoint's layout: <s> 1, <|im_end|> 11 (EOS), MASK 100, markers 18-21, |<MASK>| last
+    assert (ids["bos_token_id"], ids["eos_token_id"], ids["mask_token_id"]) == (1, 11, 100)
+    assert SPECIAL_TOKENS[11] == "<|im_end|>" and SPECIAL_TOKENS[18:22] == (
+        "<|image_start|>", "<|image_pad|>", "<|image_break|>", "<|image_end|>")
+    assert tok.convert_tokens_to_ids("|<MASK>|") == ids["vocab_size"] - 1 == len(tok) - 1
 
 
 def test_tokenizer_training_is_deterministic(tok_dir: Path, tmp_path: Path) -> None:
@@ -155,7 +158,8 @@ def test_examples_equal_the_processor_inputs(tiny_dir: Path) -> None:
     for i in range(6):
         ex = maker(0, i)
         scene = make_scene(scene_seed("train", 0, i))
-        question = proc.tokenizer.decode(ex.prompt_ids).split("[IMG_END]")[1].removesuffix("[/INST]")
+        question = proc.tokenizer.decode(ex.prompt_ids).split("<|image_end|>")[1].removesuffix(
+            "<|im_end|>\n<|im_start|>assistant\n<think></think>")
         ref = proc.build_inputs(question, [scene.image])
         assert ex.prompt_ids == ref.input_ids[0].tolist()
         assert torch.equal(ex.pixel_values, ref.pixel_values[0])

@@ -14,27 +14,16 @@ import torch
 from nemotron_fast.hf_twin import load_twin
 from nemotron_fast.model import load
 
+from .helpers import text_ids, vlm_prompt
+
 FP32_ATOL = 1e-4
 
 
 def _prompt(cfg, seed: int, vlm: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """An odd-length prompt; for the VLM two images (different sizes) with the Pixtral token layout."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = 1000 if cfg.vocab_size > 2000 else 200, cfg.vocab_size
-    text = lambda n: torch.randint(lo, hi, (n,), generator=g)  # noqa: E731
+    """An odd-length prompt; for the VLM two images (different sizes) in the real marker layout."""
     if not vlm:
-        return text(37).view(1, -1), None, None
-    unit = cfg.vision.patch_size * cfg.spatial_merge_size
-    sizes = torch.tensor([[2 * unit, 3 * unit], [unit, 2 * unit]])
-    parts = [torch.tensor([cfg.bos_token_id]), text(5)]
-    for h, w in sizes.tolist():
-        rows, cols = h // unit, w // unit
-        for r in range(rows):
-            parts.append(torch.full((cols,), cfg.image_token_id))
-            parts.append(torch.tensor([cfg.image_end_token_id if r == rows - 1 else cfg.image_break_token_id]))
-    parts.append(text(8))
-    pix = torch.randn(2, 3, int(sizes[:, 0].max()), int(sizes[:, 1].max()), generator=g)
-    return torch.cat(parts).view(1, -1), pix, sizes
+        return text_ids(cfg, 37, torch.Generator().manual_seed(seed)).view(1, -1), None, None
+    return vlm_prompt(cfg, seed)
 
 
 def _run_ours(model, ids, pix, sizes, block):

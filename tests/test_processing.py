@@ -1,4 +1,5 @@
-"""Image loading (every failure is an ImageError), Pixtral preprocessing parity, token layout, Processor."""
+"""Image loading (every failure is an ImageError), the VLM image encoder against the spec's test vectors and an
+independent OpenCV computation, the image-marker layout, the ChatML prompt and the Processor."""
 
 from __future__ import annotations
 
@@ -18,18 +19,19 @@ import pytest
 import torch
 from PIL import Image
 
-from nemotron_fast.config import NLDConfig, PreprocessorConfig, load_config
-from nemotron_fast.errors import ImageError, InputValidationError
+from nemotron_fast.config import ImageEncoderConfig, NLDConfig, load_config
+from nemotron_fast.errors import ConfigError, ImageError, InputValidationError
 from nemotron_fast.processing import (
     Processor,
     fetch_url_bytes,
+    image_grid,
     image_token_ids,
     load_image,
     num_image_tokens,
     preprocess_image,
-    resized_size,
 )
 from nemotron_fast.processing import images as images_mod
+from nemotron_fast.processing.text import chatml_prompt
 from nemotron_fast.testing import write_tiny_checkpoint
 
 
@@ -280,49 +282,158 @@ def test_redirect_to_private_refused(server: str, monkeypatch: pytest.MonkeyPatc
     assert load_image(f"http://localhost:{port}/redirect-loopback", timeout=5).size == (21, 13)
 
 
-# --- preprocessing -------------------------------------------------------------------------------------------------
+# --- preprocessing ---------------------------------------------------------------------------------------------------
 
-PRE = PreprocessorConfig.from_dict({"patch_size": 14, "size": {"longest_edge": 224}}, None)
+ENC = ImageEncoderConfig(patch_size=14, spatial_merge_size=2)  # the contract: cap 1400, 28-pixel cells
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.mark.parametrize("wh,grid", [((300, 200), (11, 8)), ((28, 28), (1, 1)), ((29, 1), (2, 1)),
+                                     ((2800, 1400), (50, 25)), ((4201, 3), (50, 1)), ((1400, 1400), (50, 50)),
+                                     ((1540, 1540), (50, 50)), ((3080, 770), (50, 13)), ((1500, 3000), (25, 50))])
+def test_image_grid_spec_vectors(wh, grid) -> None:
+    # vectors from ../shared/spec/nld-model.md (jevons-rs' and axolotl's tests of the same encoder)
+    assert image_grid(*wh, 1400, 28) == grid
+
+
+def test_image_grid_rounds_half_to_even() -> None:
+    # 2100 x 700 at cap 1400: ratio 1.5, 700 / 1.5 = 466.67 -> 467; 2101 x 35: 35 / 1.5007 = 23.32 -> 23
+    assert image_grid(2100, 700, 1400, 28) == (50, 17)
+    # 5 / 2 = 2.5 rounds to 2 (Python round), not 3: a 56 x 5 image at cap 28 is 28 x 2 -> one row
+    assert image_grid(56, 5, 28, 28) == (1, 1)
+    assert image_grid(56, 7, 28, 28) == (1, 1) and image_grid(84, 57, 28, 28) == (1, 1)
+    with pytest.raises(ValueError):
+        image_grid(0, 5, 1400, 28)
+
+
+def test_spec_test_image_pixels_and_tokens(vlm) -> None:
+    cfg, proc = vlm
+    out = proc.build_inputs("What is it?", [_photo(300, 200)])
+    assert out.image_sizes.tolist() == [[224, 308]] and out.pixel_values.shape == (1, 3, 224, 308)
+    ids = out.input_ids[0].tolist()
+    start, end = ids.index(18), ids.index(21)
+    assert end + 1 - start == 97 == num_image_tokens(224, 308, cfg)
 
 
 def _rand_image(w: int, h: int, mode: str, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
-    img = Image.fromarray(arr, "RGBA")
-    if mode == "P+transparency":
-        img = img.convert("RGB").convert("P")
-        img.info["transparency"] = 0
-        return img
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
     return img if mode == "RGBA" else img.convert(mode)
 
 
-@pytest.mark.parametrize("w,h,mode", [(37, 53, "RGB"), (300, 17, "RGB"), (500, 333, "RGBA"), (224, 224, "L"),
-                                      (1000, 10, "RGB"), (225, 111, "P"), (61, 90, "P+transparency"),
-                                      (5, 3, "RGB"), (449, 450, "LA")])
-def test_preprocess_matches_transformers_pixtral(w: int, h: int, mode: str) -> None:
-    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like JPEG: smooth colour fields, an edge and sensor noise, through real JPEG compression."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([128 + 100 * np.sin(xx / 17.0 + c) * np.cos(yy / 23.0 - c) for c in range(3)], -1)
+    arr[(xx + 2 * yy) % 97 < 30] *= 0.4
+    arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=85)
+    return Image.open(io.BytesIO(buf.getvalue()))
 
-    img = _rand_image(w, h, mode)
-    ref = PixtralImageProcessorPil(patch_size={"height": 28, "width": 28}, size={"longest_edge": 224})(
-        images=[img], return_tensors="pt")
-    ours, (oh, ow) = preprocess_image(img, PRE, spatial_merge_size=2)
+
+def _gradient(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w)[None, :, None]
+    y = np.linspace(0, 255, h)[:, None, None]
+    arr = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                          np.broadcast_to((x + y) / 2, (h, w, 1))], -1)
+    return Image.fromarray(arr.round().astype(np.uint8), "RGB")
+
+
+def _rgba(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    arr[: h // 3, :, 3] = 0  # fully transparent band -> white
+    return Image.fromarray(arr, "RGBA")
+
+
+def _palette(w: int, h: int) -> Image.Image:
+    img = _gradient(w, h).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    img.info["transparency"] = 5
+    return img
+
+
+def _independent_rgb(img: Image.Image) -> np.ndarray:
+    """RGB float array of ``img`` with transparency composited onto white, computed without PIL conversions
+    where the mode allows: palette lookup and alpha blending in numpy."""
+    if img.mode == "P":
+        pal = np.array(img.getpalette(), dtype=np.float64).reshape(-1, 3)
+        idx = np.asarray(img)
+        rgb = pal[idx]
+        alpha = np.where(idx == img.info.get("transparency", -1), 0.0, 255.0)[..., None]
+    elif img.mode == "RGBA":
+        arr = np.asarray(img).astype(np.float64)
+        rgb, alpha = arr[..., :3], arr[..., 3:]
+    else:
+        return np.asarray(img.convert("RGB")).astype(np.float32)
+    return np.round(rgb * alpha / 255 + 255 * (255 - alpha) / 255).astype(np.float32)
+
+
+def _independent_pixels(img: Image.Image, cap: int = 1400) -> np.ndarray:
+    """The spec's recipe with cv2 directly: round-half-even cap, 28-pixel cells, INTER_CUBIC on float32, CLIP."""
+    import cv2
+
+    w, h = img.size
+    ratio = max(w, h) / cap
+    if ratio > 1:
+        w, h = max(round(w / ratio), 1), max(round(h / ratio), 1)
+    size = (-(-w // 28) * 28, -(-h // 28) * 28)
+    out = cv2.resize(_independent_rgb(img), size, interpolation=cv2.INTER_CUBIC)
+    return ((out / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("make,w,h,cap", [
+    (_photo, 300, 200, 1400), (_photo, 1603, 911, 1400), (_photo, 640, 480, 336), (_gradient, 97, 250, 1400),
+    (_gradient, 2000, 30, 1400), (_rgba, 120, 75, 1400), (_rgba, 500, 333, 224), (_palette, 61, 90, 1400),
+    (_palette, 350, 40, 140), (lambda w, h: _rand_image(w, h, "L"), 45, 30, 1400),
+    (lambda w, h: _rand_image(w, h, "RGB"), 1401, 5, 1400)])
+def test_pixels_equal_an_independent_opencv_computation(make, w: int, h: int, cap: int) -> None:
+    img = make(w, h)
+    ours, (oh, ow) = preprocess_image(img, ENC, cap)
+    ref = _independent_pixels(img, cap)
     assert ours.dtype == torch.float32 and ours.is_contiguous()
-    assert tuple(ours.shape) == tuple(ref["pixel_values"][0].shape) == (3, oh, ow)
-    assert ref["image_sizes"][0].tolist() == [oh, ow]
-    torch.testing.assert_close(ours, ref["pixel_values"][0], rtol=0, atol=1e-5)
+    assert tuple(ours.shape) == ref.shape == (3, oh, ow)
+    assert np.abs(ours.numpy() - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("hw,longest,patch,expected", [
-    ((53, 37), 224, 28, (56, 56)),        # small: round up only
-    ((17, 300), 224, 28, (28, 224)),      # 17*224/300 = 12.69 -> 12 -> 28
-    ((333, 500), 224, 28, (168, 224)),    # 149.18 -> 149 -> 168
-    ((10, 1000), 224, 28, (28, 224)),
-    ((1, 1), 1540, 28, (28, 28)),
-    ((1541, 1540), 1540, 28, (1540, 1540)),
-    ((230, 100), 224, 28, (224, 112)),    # 97.39 -> 97 -> 112
-])
-def test_resized_size(hw, longest: int, patch: int, expected) -> None:
-    assert resized_size(*hw, longest, patch) == expected
+def test_opencv_cubic_weights_at_offset_half() -> None:
+    # a 56-px image at cap 28 halves exactly: each output pixel sits at source offset 0.5, where OpenCV's cubic
+    # (A = -0.75) weighs its four taps -0.09375, 0.59375, 0.59375, -0.09375 (spec). An impulse shows the weights.
+    arr = np.zeros((56, 56, 3), dtype=np.uint8)
+    arr[:, 21] = 255
+    ours, hw = preprocess_image(Image.fromarray(arr, "RGB"), ENC, 28)
+    assert hw == (28, 28)
+    row = (ours[0, 14].numpy().astype(np.float64) * CLIP_STD[0] + CLIP_MEAN[0]) * 255  # back to [0, 255]
+    # output column j covers source columns 2j-1 .. 2j+2: column 21 is tap 0 of j=11, tap 1 of j=10,
+    # tap 2 of ... (2j = 20 -> taps 19, 20, 21, 22: 21 is tap 2 of j=10) and tap 3 of j=9 (taps 17..20: none)
+    expected = np.zeros(28)
+    expected[10], expected[11] = 0.59375 * 255, -0.09375 * 255
+    np.testing.assert_allclose(row, expected, atol=1e-3)
+
+
+def test_alpha_goes_onto_white_and_exif_is_not_applied() -> None:
+    clear = Image.new("RGBA", (28, 28), (0, 0, 0, 0))
+    white = (1 - CLIP_MEAN) / CLIP_STD
+    np.testing.assert_allclose(preprocess_image(clear, ENC)[0][:, 5, 5].numpy(), white, atol=1e-5)
+    # upstream's loader does not apply EXIF orientation: a 56 x 28 JPEG tagged "rotate 90" stays 56 x 28
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    _gradient(56, 28).save(buf, format="JPEG", exif=exif.tobytes())
+    img = load_image("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    assert preprocess_image(img, ENC)[1] == (28, 56)
+
+
+def test_encoder_config_honours_only_the_cap(tmp_path: Path) -> None:
+    assert ImageEncoderConfig.from_dict(None, 14, 2, None).max_image_size == 1400
+    assert ImageEncoderConfig.from_dict({"max_image_size": 700, "size": {"longest_edge": 1540}, "resample": 2},
+                                        14, 2, None).max_image_size == 700
+    for bad in ({"patch_size": 16}, {"image_mean": [0.5, 0.5, 0.5]}, {"spatial_merge_size": 1},
+                {"max_image_size": 0}):
+        with pytest.raises(ConfigError):
+            ImageEncoderConfig.from_dict(bad, 14, 2, None)
 
 
 # --- token layout and Processor ------------------------------------------------------------------------------------
@@ -340,17 +451,20 @@ def vlm(vlm_dir: Path) -> tuple[NLDConfig, Processor]:
     return cfg, Processor.from_pretrained(vlm_dir, cfg)
 
 
-@pytest.mark.parametrize("h,w", [(28, 28), (56, 112), (224, 28), (84, 140)])
-def test_image_token_layout(vlm, h: int, w: int) -> None:
+@pytest.mark.parametrize("h,w", [(28, 28), (56, 112), (224, 28), (84, 140), (56, 56)])
+def test_image_marker_layout(vlm, h: int, w: int) -> None:
     cfg, _ = vlm
     ids = image_token_ids(h, w, cfg)
     rows, cols = h // 28, w // 28
-    assert len(ids) == rows * cols + rows == num_image_tokens(h, w, cfg)
-    assert ids.count(cfg.image_token_id) == rows * cols
-    assert ids.count(cfg.image_break_token_id) == rows - 1 and ids[-1] == cfg.image_end_token_id
+    assert len(ids) == 1 + rows * (cols + 1) == num_image_tokens(h, w, cfg)
+    assert ids[0] == 18 and ids[-1] == 21 and ids.count(18) == ids.count(21) == 1
+    assert ids.count(19) == rows * cols and ids.count(20) == rows - 1
     for r in range(rows):
-        row = ids[r * (cols + 1):(r + 1) * (cols + 1)]
-        assert row[:cols] == [10] * cols and row[cols] == (13 if r == rows - 1 else 12)
+        row = ids[1 + r * (cols + 1):1 + (r + 1) * (cols + 1)]
+        assert row[:cols] == [19] * cols and row[cols] == (21 if r == rows - 1 else 20)
+    if (h, w) == (56, 56):  # axolotl's "matches the remote layout" string, as ids
+        text = "<|image_start|><|image_pad|><|image_pad|><|image_break|><|image_pad|><|image_pad|><|image_end|>"
+        assert ids == _.tokenizer(text)["input_ids"]
     with pytest.raises(ValueError):
         image_token_ids(h + 1, w, cfg)
 
@@ -359,39 +473,102 @@ def test_build_inputs_with_images(vlm) -> None:
     cfg, proc = vlm
     imgs = [_rand_image(100, 50, "RGB"), _rand_image(30, 300, "RGBA", seed=1)]
     out = proc.build_inputs("Describe both.", imgs, system="Be brief.")
-    assert out.image_sizes.tolist() == [[56, 112], [224, 28]]
-    assert out.pixel_values.shape == (2, 3, 224, 112) and out.pixel_values.dtype == torch.float32
+    assert out.image_sizes.tolist() == [[56, 112], [308, 56]]  # 30 px -> ceil(30 / 28) = 2 cells
+    assert out.pixel_values.shape == (2, 3, 308, 112) and out.pixel_values.dtype == torch.float32
     # padding is zero, the unpadded region is the image itself
-    assert out.pixel_values[0, :, 56:].abs().max() == 0 and out.pixel_values[1, :, :, 28:].abs().max() == 0
-    torch.testing.assert_close(out.pixel_values[1, :, :, :28], preprocess_image(imgs[1], PRE, 2)[0])
+    assert out.pixel_values[0, :, 56:].abs().max() == 0 and out.pixel_values[1, :, :, 56:].abs().max() == 0
+    torch.testing.assert_close(out.pixel_values[1, :, :, :56], preprocess_image(imgs[1], ENC)[0])
     ids = out.input_ids[0].tolist()
     assert out.input_ids.dtype == torch.long and out.num_prompt_tokens == len(ids)
-    assert ids.count(10) == 2 * 4 + 8 * 1 and ids.count(12) == 1 + 7 and ids.count(13) == 2
-    first = ids.index(10)
-    assert ids[first:first + 10] == image_token_ids(56, 112, cfg)
-    assert ids[first + 10:first + 10 + 16] == image_token_ids(224, 28, cfg)
-    assert ids[0] == 1 and ids[-1] == 4
-    assert proc.decode(ids[first + 26:-1]) == "Describe both."
+    first = ids.index(18)
+    n0, n1 = num_image_tokens(56, 112, cfg), num_image_tokens(308, 56, cfg)
+    assert ids[first:first + n0] == image_token_ids(56, 112, cfg)
+    assert ids[first + n0:first + n0 + n1] == image_token_ids(308, 56, cfg)
+    # the spec's ChatML around them: no BOS, system turn, user turn, generation prompt with empty thinking
+    head = proc.tokenizer("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")["input_ids"]
+    tail = proc.tokenizer("Describe both.<|im_end|>\n<|im_start|>assistant\n<think></think>")["input_ids"]
+    assert ids == head + ids[first:first + n0 + n1] + tail
+    assert ids[0] == 10 and ids[-2:] == [12, 13] and 1 not in ids
     text = proc.render("Describe both.", 2, system="Be brief.")
-    assert text == "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST][IMG][IMG]Describe both.[/INST]"
+    assert text == chatml_prompt("Describe both.", 2, system="Be brief.") == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|image_start|><|image_start|>Describe both."
+        "<|im_end|>\n<|im_start|>assistant\n<think></think>")
+    assert proc.prompt_source == "chat_template"
+    # pixel-for-pixel the same whether or not the checkpoint's own template is used
+    proc.prompt_source = "chatml"
+    try:
+        assert proc.build_inputs("Describe both.", imgs, system="Be brief.").input_ids.tolist() == [ids]
+    finally:
+        proc.prompt_source = "chat_template"
 
 
 def test_build_inputs_text_only_prompt_and_thinking(vlm) -> None:
     _, proc = vlm
     plain = proc.build_inputs("Hi there")
     assert plain.pixel_values is None and plain.image_sizes is None
-    assert proc.tokenizer.decode(plain.input_ids[0].tolist()) == "<s>[INST]Hi there[/INST]"
+    assert proc.tokenizer.decode(plain.input_ids[0].tolist()) == (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n<think></think>")
     think = proc.build_inputs("Hi there", enable_thinking=True)
-    assert think.num_prompt_tokens > plain.num_prompt_tokens
-    assert think.input_ids[0, 1].item() == 17
+    assert proc.tokenizer.decode(think.input_ids[0].tolist()).endswith("<|im_start|>assistant\n<think>\n")
+    assert 13 not in think.input_ids[0].tolist()
 
 
-def test_user_control_tokens_stay_text(vlm) -> None:
+def test_max_image_size_per_request(vlm) -> None:
     _, proc = vlm
-    out = proc.build_inputs("what is [IMG] and [/INST] <s>?", [_rand_image(28, 28, "RGB")])
-    ids = out.input_ids[0].tolist()
-    # only the template's placeholder became image tokens; the user's "[IMG]" is ordinary text
-    assert ids.count(10) == 1 and ids.count(13) == 1 and ids.count(4) == 1 and ids.count(1) == 1
+    img = _photo(300, 200)
+    assert proc.build_inputs("Hi", [img], max_image_size=150).image_sizes.tolist() == [[112, 168]]
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(InputValidationError, match="max_image_size"):
+            proc.build_inputs("Hi", [img], max_image_size=bad)
+
+
+def test_a_checkpoint_template_unlike_upstream_is_not_used(vlm_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    for f in vlm_dir.iterdir():
+        shutil.copyfile(f, tmp_path / f.name)
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    proc = Processor.from_pretrained(tmp_path, load_config(tmp_path))
+    assert proc.prompt_source == "chatml"
+    assert proc.render("Hi", 1) == chatml_prompt("Hi", 1)
+
+
+def test_control_token_strings_in_user_text_are_refused(vlm) -> None:
+    _, proc = vlm
+    img = [_rand_image(28, 28, "RGB")]
+    for text in ("what is <|image_pad|>?", "a <|im_end|> b", "<|image_start|>", "say </s>", "x |<MASK>| y"):
+        with pytest.raises(InputValidationError, match="control token"):
+            proc.build_inputs(text, img)
+    with pytest.raises(InputValidationError, match="system"):
+        proc.build_inputs("fine", img, system="<|im_start|>user")
+    # think tags are ordinary added tokens in the real tokenizer: allowed, as text the model reads
+    assert proc.build_inputs("what does <think> mean?", img).input_ids[0].tolist().count(12) == 2
+
+
+def test_missing_marker_token_is_a_config_error_naming_it(vlm_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    for f in vlm_dir.iterdir():
+        shutil.copyfile(f, tmp_path / f.name)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    for t in tj["added_tokens"]:
+        if t["content"] == "<|image_pad|>":
+            t["content"] = "<|renamed|>"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ConfigError, match=r"<\|image_pad\|>"):
+        load_config(tmp_path)
+    # a config field wins over the tokenizer
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["image_pad_token_id"] = 19
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_config(tmp_path).image_pad_token_id == 19
+    cfg["image_pad_token_id"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_config(tmp_path).special.image_pad == 7
 
 
 def test_build_inputs_errors(vlm, tmp_path: Path) -> None:
@@ -411,7 +588,8 @@ def test_decode_cuts_at_eos_and_skips_special_and_mask(vlm) -> None:
     hello = proc.tokenizer.encode("Hello world", add_special_tokens=False)
     bye = proc.tokenizer.encode(" bye", add_special_tokens=False)
     assert proc.decode(hello) == "Hello world"
-    mixed = [cfg.mask_token_id, hello[0], 3, cfg.mask_token_id, *hello[1:], 17, cfg.eos_token_id, *bye]
+    markers = [18, 19, 20, 21, 10, cfg.vocab_size - 1]  # image markers, <|im_start|>, |<MASK>|
+    mixed = [cfg.mask_token_id, hello[0], *markers, cfg.mask_token_id, *hello[1:], 3, cfg.eos_token_id, *bye]
     assert proc.decode(mixed) == "Hello world"
     assert proc.decode(torch.tensor(hello + bye)) == "Hello world bye"
     assert proc.decode([cfg.eos_token_id, *hello]) == ""

@@ -47,7 +47,7 @@ class ScriptedTwin:
     def __init__(self, diffusion: Script, seed: Callable[[int, int], int] | None = None, vocab: int = VOCAB,
                  dtype: torch.dtype = torch.float32) -> None:
         self.config = SimpleNamespace(vocab_size=vocab, mask_token_id=MASK, eos_token_ids=(EOS,), is_vlm=False,
-                                      image_token_id=None)
+                                      image_pad_token_id=None)
         self.device = torch.device("cpu")
         self.dtype = dtype
         self.diffusion = diffusion
@@ -412,7 +412,7 @@ def test_bad_arguments_raise_clear_value_errors(kwargs, match):
 
 def test_image_arguments_are_checked_against_image_tokens():
     twin = ScriptedTwin(lambda r, o: (WORD, 0.9))
-    twin.config.is_vlm, twin.config.image_token_id = True, 10
+    twin.config.is_vlm, twin.config.image_pad_token_id = True, 10
     with pytest.raises(ValueError, match="no image token"):
         reference.generate(twin, prompt(), torch.zeros(1, 3, 28, 28), max_new_tokens=8, block_length=8)
     ids = prompt()

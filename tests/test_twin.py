@@ -20,23 +20,15 @@ from nemotron_fast.errors import CheckpointError
 from nemotron_fast.hf_twin import TwinModel, load_twin, read_safetensors
 from nemotron_fast.sampling import even_schedule
 
+from .helpers import vlm_prompt
+
 FP32_ATOL = 1e-5
 
 
 def image_prompt(cfg, sizes: list[tuple[int, int]], text: int = 4, seed: int = 0):
-    """``input_ids`` [1, P] with the Pixtral layout for each image, ``pixel_values`` and ``image_sizes``."""
-    g = torch.Generator().manual_seed(seed)
+    """``input_ids`` [1, P] with the marker layout for each ``(H, W)`` image, ``pixel_values`` and ``image_sizes``."""
     unit = cfg.vision.patch_size * cfg.spatial_merge_size
-    parts = [torch.tensor([cfg.bos_token_id]), torch.randint(200, cfg.vocab_size, (text,), generator=g)]
-    for h, w in sizes:
-        rows, cols = h // unit, w // unit
-        for r in range(rows):
-            parts.append(torch.full((cols,), cfg.image_token_id))
-            parts.append(torch.tensor([cfg.image_end_token_id if r == rows - 1 else cfg.image_break_token_id]))
-    parts.append(torch.randint(200, cfg.vocab_size, (3,), generator=g))
-    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
-    pix = torch.randn(len(sizes), 3, hmax, wmax, generator=g)
-    return torch.cat(parts).view(1, -1), pix, torch.tensor(sizes)
+    return vlm_prompt(cfg, seed, n_text=3, grids=tuple((h // unit, w // unit) for h, w in sizes), n_pre=text)
 
 
 def text_prompt(cfg, length: int = 9, rows: int = 1, seed: int = 0) -> torch.Tensor:
@@ -190,7 +182,7 @@ def test_embed_scatters_image_features_in_order(vlm_twin):
     ids, pix, sizes = image_prompt(cfg, [(56, 84), (28, 56)])
     emb = twin.embed(ids, pix, sizes)
     plain = twin.embed(ids)
-    is_img = ids[0] == cfg.image_token_id
+    is_img = ids[0] == cfg.image_pad_token_id
     assert torch.equal(emb[0, ~is_img], plain[0, ~is_img])
     feats = twin.image_features(pix, sizes)
     assert feats.shape == (int(is_img.sum()), cfg.text.hidden_size)
@@ -207,7 +199,7 @@ def test_embed_rejects_mismatched_image_token_counts(vlm_twin, text_twin):
 
 def _drop_one_image_token(ids: torch.Tensor, cfg) -> torch.Tensor:
     keep = torch.ones(ids.shape[1], dtype=torch.bool)
-    keep[int(torch.nonzero(ids[0] == cfg.image_token_id)[0])] = False
+    keep[int(torch.nonzero(ids[0] == cfg.image_pad_token_id)[0])] = False
     return ids[:, keep]
 
 

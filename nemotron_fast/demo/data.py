@@ -1,9 +1,9 @@
 """Training examples and batches for the demo model.
 
 An example is one scene with one task (its description, or one of its questions), rendered through the
-checkpoint's own :class:`~nemotron_fast.processing.Processor` (chat template, ``[IMG]`` expansion, Pixtral
-preprocessing), so training sees exactly the prompts inference builds. The answer is the tokenised text followed
-by the EOS id.
+checkpoint's own :class:`~nemotron_fast.processing.Processor` (ChatML prompt, image-marker expansion, the
+mistral-common image encoder), so training sees exactly the prompts inference builds. The answer is the
+tokenised text followed by the EOS id.
 
 A batch packs two streams per row into one sequence of ``Tc + L`` tokens:
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ..processing import image_token_ids, preprocess_image
+from ..processing import preprocess_image
+from ..processing.preprocess import image_encoder_of
 from .scenes import CELL, COLOURS, DESCRIBE_PROMPTS, GRID, SHAPES, Scene, make_scene, scene_seed
 
 # Questions that need a relation (left/right) or a filtered count are drawn more often: they learn slowest.
@@ -86,9 +87,7 @@ class ExampleMaker:
         """Chat-templated prompt ids for one ``height x width`` image followed by ``question``."""
         key = (question, height, width)
         if key not in self._prompts:
-            ids = self.processor.encode_prompt(question, 1)
-            pos = ids.index(self.config.image_token_id)
-            self._prompts[key] = ids[:pos] + image_token_ids(height, width, self.config) + ids[pos + 1:]
+            self._prompts[key] = self.processor.prompt_ids(question, [(height, width)])
         return self._prompts[key]
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -107,8 +106,7 @@ class ExampleMaker:
         else:
             qa = rng.choices(scene.qa, weights=[KIND_WEIGHTS.get(q.kind, 1.0) for q in scene.qa])[0]
             question, answer, kind = qa.question, qa.answer, qa.kind
-        assert self.config.preprocessor is not None
-        pix, (h, w) = preprocess_image(scene.image, self.config.preprocessor, self.config.spatial_merge_size)
+        pix, (h, w) = preprocess_image(scene.image, image_encoder_of(self.config))
         return Example(list(self.prompt_ids(question, h, w)), list(self.answer_ids(answer)), pix, kind,
                        cell_labels(scene))
 

@@ -18,7 +18,7 @@ from .scenes import Scene, make_scene, scene_seed
 
 __all__ = ["CHECKPOINT_FILES", "ship_checkpoint", "write_example", "pick_example", "main"]
 
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "model.safetensors",
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors",
                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # A size cap the package promises (issue 3): the shipped checkpoint stays small enough to live in the wheel.
 MAX_CHECKPOINT_BYTES = 25 * 2**20

@@ -1,10 +1,11 @@
 """The demo model's tokenizer: a small byte-level BPE trained on the scene corpus, saved in the transformers
-format with the same chat template and special-token names as the project's tiny checkpoints
+format with the real NLD special-token layout and chat template of the project's tiny checkpoints
 (:mod:`nemotron_fast.testing.tokenizer_files`).
 
-The special block is compact: ids 0..19 keep the Tekken layout (``<s>`` 1, ``[INST]`` 3, ``[/INST]`` 4, ``[IMG]``
-10, the EOS in slot 11, ``[IMG_BREAK]`` 12, ``[IMG_END]`` 13) and id 20 is the MASK. Nothing in the package
-relies on these numbers: :func:`write_tokenizer` returns them and ``config.json`` declares them.
+The special block is ids 0..100, the real checkpoint's slots: ``<s>`` 1, ``<|im_start|>`` 10, ``<|im_end|>`` 11
+(the EOS), ``<think>`` 12, ``</think>`` 13, the image markers 18-21, and ``<SPECIAL_100>`` the config's MASK;
+like the real VLM tokenizer it ends with ``|<MASK>|``. Nothing in the package relies on these numbers:
+:func:`write_tokenizer` returns the config ids and the package resolves the markers by name.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..testing.tokenizer_files import add_special_tokens, nld_special_roles, special_token_names
 from .scenes import COLOURS, DESCRIBE_PROMPTS, NUMBER_WORDS, SHAPES, make_scene, scene_seed
 
 __all__ = ["SPECIAL_TOKENS", "scene_corpus", "train_tokenizer", "write_tokenizer", "read_token_ids"]
 
-_TEKKEN_SPECIALS = (
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<|eos|>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
-    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-)
-SPECIAL_TOKENS: tuple[str, ...] = (*_TEKKEN_SPECIALS, "<|mask|>")
-_ROLES = {"bos_token_id": "<s>", "eos_token_id": "<|eos|>", "pad_token_id": "<|eos|>", "mask_token_id": "<|mask|>",
-          "image_token_id": "[IMG]", "image_break_token_id": "[IMG_BREAK]", "image_end_token_id": "[IMG_END]"}
+# The NLD layout up to the MASK slot (100): the smallest block that holds every real id.
+SPECIAL_TOKENS: tuple[str, ...] = tuple(special_token_names(101))
+_SPECIALS_MAP, _ROLE_IDS = nld_special_roles(list(SPECIAL_TOKENS))
+_ROLES = {role: SPECIAL_TOKENS[i] for role, i in _ROLE_IDS.items()}
 # Enough merges to make every corpus word one token; the trainer stops earlier when pairs run out.
 _MAX_MERGES = 400
 _CORPUS_SCENES = 3000
@@ -45,8 +43,9 @@ def scene_corpus(n_scenes: int = _CORPUS_SCENES) -> Iterator[str]:
 
 
 def train_tokenizer(corpus: Iterable[str]) -> Any:
-    """Train the byte-level BPE (a ``tokenizers.Tokenizer``) with :data:`SPECIAL_TOKENS` at ids 0..N-1."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Train the byte-level BPE (a ``tokenizers.Tokenizer``) with :data:`SPECIAL_TOKENS` at ids 0..N-1 and
+    ``|<MASK>|`` last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -59,10 +58,7 @@ def train_tokenizer(corpus: Iterable[str]) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus), trainer)
-    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in SPECIAL_TOKENS])
-    for i, n in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(n) != i:
-            raise RuntimeError(f"special token {n!r} landed on id {tok.token_to_id(n)}, expected {i}")
+    add_special_tokens(tok, list(SPECIAL_TOKENS), vlm_mask=True)
     return tok
 
 
@@ -70,8 +66,8 @@ def write_tokenizer(path: str | Path, corpus: Iterable[str] | None = None) -> di
     """Train on ``corpus`` (default :func:`scene_corpus`) and write ``tokenizer.json``, ``tokenizer_config.json``
     and ``special_tokens_map.json`` into ``path``.
 
-    Returns ``vocab_size`` and the role ids (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
-    ``mask_token_id``, ``image_token_id``, ``image_break_token_id``, ``image_end_token_id``) for ``config.json``.
+    Returns ``vocab_size`` and the config ids (``bos_token_id``, ``eos_token_id``, ``pad_token_id``,
+    ``mask_token_id``) for ``config.json``.
     """
     from ..testing.tokenizer_files import write_tokenizer_config
 
@@ -79,12 +75,9 @@ def write_tokenizer(path: str | Path, corpus: Iterable[str] | None = None) -> di
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(scene_corpus() if corpus is None else corpus)
     tok.save(str(out / "tokenizer.json"))
-    specials = {"bos_token": "<s>", "eos_token": "<|eos|>", "unk_token": "<unk>", "pad_token": "<|eos|>",
-                "mask_token": "<|mask|>"}
-    write_tokenizer_config(out, specials, {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
-                                           "image_end_token": "[IMG_END]"})
+    write_tokenizer_config(out, _SPECIALS_MAP)
     ids = {role: tok.token_to_id(name) for role, name in _ROLES.items()}
-    return {"vocab_size": tok.get_vocab_size(), **ids}
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True), **ids}
 
 
 def read_token_ids(path: str | Path) -> dict[str, int]:
@@ -96,4 +89,4 @@ def read_token_ids(path: str | Path) -> dict[str, int]:
     missing = [role for role, i in ids.items() if i is None]
     if missing:
         raise ValueError(f"{path}/tokenizer.json lacks the special tokens for {missing}")
-    return {"vocab_size": tok.get_vocab_size(), **ids}
+    return {"vocab_size": tok.get_vocab_size(with_added_tokens=True), **ids}

@@ -23,7 +23,7 @@ Determinism: the initial weights come from ``torch.manual_seed(seed)``; example 
 step, the loss history and the global RNG state.
 
 ``DIR`` holds the checkpoint in the real layout (``config.json``, ``generation_config.json``,
-``model.safetensors``, tokenizer files, ``preprocessor_config.json``), refreshed at each checkpoint, plus
+``model.safetensors``, tokenizer files), refreshed at each checkpoint, plus
 ``train_state.pt`` and ``log.jsonl`` (one line of losses per step).
 """
 
@@ -88,7 +88,7 @@ class TrainConfig:
 
 def write_checkpoint_files(out: Path, size: dict[str, Any], tokenizer_dir: Path | None = None) -> dict[str, Any]:
     """Write the tokenizer (trained on the scene corpus, or copied from ``tokenizer_dir``), ``config.json``,
-    ``generation_config.json`` and ``preprocessor_config.json`` into ``out``; returns the config dict."""
+    and ``generation_config.json`` into ``out``; returns the config dict."""
     from ..testing.checkpoint import write_config_files
     from .tokenizer import read_token_ids, write_tokenizer
 

@@ -84,7 +84,8 @@ class NLDModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_sizes: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids int64 [B, T] -> embeddings [B, T, hidden], image features placed at the image-token ids."""
+        """input_ids int64 [B, T] -> embeddings [B, T, hidden]; image features replace the ``<|image_pad|>`` slots
+        only (the image start/break/end markers keep their token embeddings)."""
         embeds = self.encoder.embed_tokens(input_ids)
         if pixel_values is None and image_features is None:
             return embeds
@@ -92,10 +93,10 @@ class NLDModel(nn.Module):
             if image_sizes is None:
                 raise ValueError("pixel_values need image_sizes")
             image_features = self.image_features(pixel_values, image_sizes)
-        slots = input_ids == self.config.image_token_id
+        slots = input_ids == self.config.image_pad_token_id
         n_slots, n_feats = int(slots.sum()), image_features.shape[0]
         if n_slots != n_feats:
-            raise ValueError(f"the prompt has {n_slots} image tokens but the images give {n_feats} features")
+            raise ValueError(f"the prompt has {n_slots} <|image_pad|> tokens but the images give {n_feats} features")
         return embeds.masked_scatter(slots.unsqueeze(-1), image_features.to(embeds.dtype))
 
     # ---- forwards ------------------------------------------------------------------------------------------

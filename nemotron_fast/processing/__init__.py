@@ -1,4 +1,4 @@
-"""Request inputs: loading images safely, Pixtral preprocessing, chat template, prompt ids and decoding."""
+"""Request inputs: loading images safely, the VLM image encoder, ChatML prompts with image markers, decoding."""
 
 from .images import (
     DEFAULT_MAX_BYTES,
@@ -10,7 +10,7 @@ from .images import (
     load_image,
     parse_data_uri,
 )
-from .preprocess import image_token_ids, num_image_tokens, pad_and_stack, preprocess_image, resized_size, to_rgb
+from .preprocess import image_grid, image_token_ids, num_image_tokens, pad_and_stack, preprocess_image
 from .text import ProcessedInputs, Processor
 
 __all__ = [
@@ -26,8 +26,7 @@ __all__ = [
     "image_token_ids",
     "num_image_tokens",
     "pad_and_stack",
-    "resized_size",
-    "to_rgb",
+    "image_grid",
     "Processor",
     "ProcessedInputs",
 ]

@@ -1,125 +1,97 @@
-"""Pixtral image preprocessing and the image-token layout.
+"""The VLM's image encoder and the image-marker layout of the prompt.
 
-Matches transformers' PIL Pixtral image processor (``PixtralImageProcessorPil``) as the Mistral3/Pixtral
-processor drives it, i.e. with an effective patch of ``patch_size * spatial_merge_size``:
+Preprocessing is mistral-common's image encoder, which the checkpoint's ``image_processing.py`` ports
+(``encode_image``): for an image of ``W x H`` pixels,
 
-1. convert to RGB, compositing any transparency onto white;
-2. if either side is over ``longest_edge``: scale both sides by the same ratio ``max(h, w) / longest_edge``,
-   each FLOORED; then round each side UP to a multiple of the effective patch (so a side can end up to one
-   patch above ``longest_edge`` when it is not itself a multiple of the patch);
-3. bicubic resize of the uint8 image with PIL (always, even when the size is unchanged: a no-op then);
-4. rescale by ``rescale_factor`` (1/255) and normalise with the CLIP mean/std, in float32.
+1. if the longest side is over ``max_image_size`` (default 1400), divide both sides by
+   ``ratio = max(W, H) / max_image_size`` and round with Python's ``round`` (halves to even), at least 1;
+2. the token grid is ``w = ceil(W' / cell)`` columns by ``h = ceil(H' / cell)`` rows, ``cell = patch * merge``
+   (28); the image is stretched to exactly ``w * cell x h * cell`` pixels;
+3. RGB with transparency composited onto white, ``cv2.resize(..., INTER_CUBIC)`` on the float32 array in
+   [0, 255] (no antialiasing, no clipping), ``/ 255``, CLIP mean/std, channels first.
 
-Layout of one image in the prompt (Pixtral convention): ``rows = H / (patch * merge)`` rows of
-``cols = W / (patch * merge)`` ``[IMG]`` tokens, each row followed by ``[IMG_BREAK]`` except the last, which is
-followed by ``[IMG_END]``: ``rows * cols + rows`` tokens in all.
+Steps 3 is mistral-common's own ``transform_image`` (called, not re-implemented); steps 1-2 are
+:func:`image_grid`, the same arithmetic as ``ImageEncoder._image_to_num_tokens`` (a private method there).
+
+Layout of one image in the prompt (upstream ``build_image_token_str``): ``<|image_start|>``, then for each of
+the ``h`` rows ``w`` x ``<|image_pad|>`` followed by ``<|image_break|>``, except that the last row ends with
+``<|image_end|>`` instead: ``1 + h * (w + 1)`` tokens. Vision features go to the ``<|image_pad|>`` slots only.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..config import NLDConfig, PreprocessorConfig
+from ..config import ImageEncoderConfig, NLDConfig
 from ..errors import ConfigError
 
-__all__ = ["to_rgb", "resized_size", "preprocess_image", "image_token_ids", "num_image_tokens", "pad_and_stack"]
+__all__ = ["image_grid", "preprocess_image", "image_token_ids", "num_image_tokens", "pad_and_stack",
+           "image_encoder_of"]
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of ``img``; transparency (an alpha band or a palette/tRNS transparent colour) goes onto white."""
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def resized_size(height: int, width: int, longest_edge: int, patch: int) -> tuple[int, int]:
-    """Target ``(H, W)`` for an image of ``height x width``: fit ``longest_edge`` (floor), then round up to ``patch``.
-
-    ``patch`` is the effective patch ``patch_size * spatial_merge_size``. Both outputs are >= ``patch``.
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    ratio = max(height / longest_edge, width / longest_edge)
+def image_grid(width: int, height: int, max_image_size: int, cell: int) -> tuple[int, int]:
+    """Token grid ``(columns, rows)`` of a ``width x height`` image (see the module docstring, steps 1-2)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if max_image_size <= 0 or cell <= 0:
+        raise ValueError(f"max_image_size and cell must be positive, got {max_image_size} and {cell}")
+    w: float = width
+    h: float = height
+    ratio = max(height / max_image_size, width / max_image_size)
     if ratio > 1:
-        height = int(math.floor(height / ratio))
-        width = int(math.floor(width / ratio))
-    # ceil(x / patch) * patch, written so that a side floored to 0 still gets one patch.
-    return ((height - 1) // patch + 1) * patch, ((width - 1) // patch + 1) * patch
+        w = max(round(width / ratio), 1)
+        h = max(round(height / ratio), 1)
+    return (int(w) - 1) // cell + 1, (int(h) - 1) // cell + 1
 
 
-def _effective_patch(pre: PreprocessorConfig, spatial_merge_size: int) -> int:
-    if spatial_merge_size <= 0:
-        raise ValueError(f"spatial_merge_size must be >= 1, got {spatial_merge_size}")
-    return pre.patch_size * spatial_merge_size
+def _transform_image() -> object:
+    try:
+        from mistral_common.tokens.tokenizers.image import transform_image
+    except ImportError as exc:  # pragma: no cover - both are dependencies of the package
+        raise ImportError("image preprocessing needs mistral-common>=1.7 and opencv-python-headless "
+                          f"(pip install nemotron-fast brings both): {exc}") from exc
+    return transform_image
 
 
-def preprocess_image(img: Image.Image, pre: PreprocessorConfig, spatial_merge_size: int
+def preprocess_image(img: Image.Image, enc: ImageEncoderConfig, max_image_size: int | None = None
                      ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One PIL image to ``(pixel_values, (H, W))``.
-
-    ``pixel_values`` is float32 ``[3, H, W]`` (contiguous), H and W multiples of
-    ``pre.patch_size * spatial_merge_size``; the steps follow ``pre``'s ``do_*`` flags (see module docstring).
-    """
-    patch = _effective_patch(pre, spatial_merge_size)
-    if pre.do_convert_rgb:
-        img = to_rgb(img)
-    elif img.mode != "RGB":
-        raise ValueError(f"do_convert_rgb is false but the image mode is {img.mode!r}, not 'RGB'")
-    w, h = img.size
-    if pre.do_resize:
-        th, tw = resized_size(h, w, pre.longest_edge, patch)
-        img = img.resize((tw, th), resample=Image.Resampling.BICUBIC)
-    elif h % patch or w % patch:
-        raise ValueError(f"do_resize is false but the image size {h}x{w} is not a multiple of {patch}")
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).to(torch.float32)
-    if pre.do_rescale:
-        x = x * pre.rescale_factor
-    if pre.do_normalize:
-        mean = torch.tensor(pre.image_mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(pre.image_std, dtype=torch.float32).view(3, 1, 1)
-        x = (x - mean) / std
-    return x.contiguous(), (int(x.shape[1]), int(x.shape[2]))
+    """One PIL image to ``(pixel_values, (H, W))``: float32 ``[3, H, W]`` (contiguous), H and W multiples of
+    ``enc.cell``. ``max_image_size`` overrides the checkpoint's cap for this image."""
+    cap = enc.max_image_size if max_image_size is None else int(max_image_size)
+    cols, rows = image_grid(img.width, img.height, cap, enc.cell)
+    size = (cols * enc.cell, rows * enc.cell)
+    pixels = _transform_image()(img, size)  # type: ignore[operator]
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return x, (size[1], size[0])
 
 
-def _layout_ids(cfg: NLDConfig) -> tuple[int, int, int, int]:
-    if not cfg.is_vlm or cfg.vision is None:
-        raise ConfigError("this checkpoint is text-only: it has no image tokens", field="vision_config")
-    img, brk, end = cfg.image_token_id, cfg.image_break_token_id, cfg.image_end_token_id
-    if img is None or brk is None or end is None:
-        raise ConfigError("the image token layout needs image_token_id, image_break_token_id and image_end_token_id",
-                          field="image_break_token_id" if brk is None else "image_end_token_id")
-    return img, brk, end, cfg.vision.patch_size * cfg.spatial_merge_size
+def image_encoder_of(cfg: NLDConfig) -> ImageEncoderConfig:
+    """The checkpoint's image encoder settings; ConfigError for a text-only checkpoint."""
+    if cfg.image_encoder is None:
+        raise ConfigError("this checkpoint is text-only: it has no image encoder", field="vision_config")
+    return cfg.image_encoder
+
+
+def _grid_of(height: int, width: int, cfg: NLDConfig) -> tuple[int, int]:
+    cell = image_encoder_of(cfg).cell
+    if height <= 0 or width <= 0 or height % cell or width % cell:
+        raise ValueError(f"preprocessed image size {height}x{width} must be positive multiples of {cell}")
+    return height // cell, width // cell
 
 
 def num_image_tokens(height: int, width: int, cfg: NLDConfig) -> int:
-    """Count of prompt tokens for one preprocessed ``height x width`` image: ``rows * cols + rows``."""
-    *_, patch = _layout_ids(cfg)
-    rows, cols = _grid(height, width, patch)
-    return rows * cols + rows
-
-
-def _grid(height: int, width: int, patch: int) -> tuple[int, int]:
-    if height <= 0 or width <= 0 or height % patch or width % patch:
-        raise ValueError(f"preprocessed image size {height}x{width} must be positive multiples of {patch}")
-    return height // patch, width // patch
+    """Prompt tokens of one preprocessed ``height x width`` image: ``1 + rows * (cols + 1)``."""
+    rows, cols = _grid_of(height, width, cfg)
+    return 1 + rows * (cols + 1)
 
 
 def image_token_ids(height: int, width: int, cfg: NLDConfig) -> list[int]:
-    """Token ids standing for one preprocessed ``height x width`` image.
-
-    ``rows`` rows of ``cols`` image tokens, each row closed by ``image_break_token_id``, the last row by
-    ``image_end_token_id`` instead (rows = H / (patch*merge), cols = W / (patch*merge)).
-    """
-    img, brk, end, patch = _layout_ids(cfg)
-    rows, cols = _grid(height, width, patch)
-    row = [img] * cols + [brk]
-    ids = row * rows
+    """Marker ids standing for one preprocessed ``height x width`` image (layout in the module docstring)."""
+    start, pad, brk, end = cfg.special.require("image_start", "image_pad", "image_break", "image_end")
+    rows, cols = _grid_of(height, width, cfg)
+    ids = [start, *([pad] * cols + [brk]) * rows]
     ids[-1] = end
     return ids
 

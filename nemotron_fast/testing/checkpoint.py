@@ -1,8 +1,11 @@
 """Write tiny Nemotron-Labs-Diffusion checkpoints in the real repository layout.
 
 The files are the ones the real repo has: ``config.json``, ``generation_config.json``, ``model.safetensors``
-(or sharded with ``model.safetensors.index.json``), tokenizer files with a chat template and, for the VLM,
-``preprocessor_config.json``. Key names follow the upstream module layout (``encoder.*``, ``diffusion_head``).
+(or sharded with ``model.safetensors.index.json``) and tokenizer files in the NLD layout (ChatML, think tags,
+image markers at 18-21, the VLM's ``|<MASK>|`` after the vocabulary; see
+:mod:`nemotron_fast.testing.tokenizer_files`). Like the real VLM repo there is no ``preprocessor_config.json``
+and ``config.json`` holds no image-marker ids. Key names follow the upstream module layout (``encoder.*``,
+``diffusion_head``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def tiny_config_dict(token_ids: dict[str, int], *, vlm: bool = True, dtype: str 
                      **size_overrides: Any) -> dict[str, Any]:
     """The ``config.json`` content of a tiny checkpoint.
 
-    ``token_ids`` holds ``vocab_size`` and the special ids (bos/eos/pad/mask and, for the VLM, image ids).
+    ``token_ids`` holds ``vocab_size`` and the special ids bos/eos/pad/mask (image markers are not config fields).
     ``size_overrides`` may set any text field (``hidden_size``...), ``vision_<field>`` for the vision tower,
     or ``rope_<field>`` for RoPE parameters.
     """
@@ -94,9 +97,6 @@ def tiny_config_dict(token_ids: dict[str, int], *, vlm: bool = True, dtype: str 
     if vlm:
         vision["head_dim"] = vision["hidden_size"] // vision["num_attention_heads"]
         cfg.update(
-            image_token_id=token_ids["image_token_id"],
-            image_break_token_id=token_ids["image_break_token_id"],
-            image_end_token_id=token_ids["image_end_token_id"],
             spatial_merge_size=2,
             projector_hidden_act="gelu",
             multimodal_projector_bias=False,
@@ -184,8 +184,8 @@ def _save_weights(weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtyp
 
 def write_config_files(out: Path, token_ids: dict[str, int], *, vlm: bool, dtype: str,
                        **size_overrides: Any) -> dict[str, Any]:
-    """Write ``config.json``, ``generation_config.json`` and (VLM) ``preprocessor_config.json`` for the token ids
-    of a tokenizer already in ``out``; returns the config dict (see :func:`tiny_config_dict`)."""
+    """Write ``config.json`` and ``generation_config.json`` for the token ids of a tokenizer already in ``out``;
+    returns the config dict (see :func:`tiny_config_dict`)."""
     cfg = tiny_config_dict(token_ids, vlm=vlm, dtype=dtype, **size_overrides)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen_cfg = {
@@ -194,23 +194,6 @@ def write_config_files(out: Path, token_ids: dict[str, int], *, vlm: bool, dtype
         "pad_token_id": token_ids["pad_token_id"],
     }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    if vlm:
-        v = cfg["vision_config"]
-        pre = {
-            "image_processor_type": "PixtralImageProcessor",
-            "processor_class": "PixtralProcessor",
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "patch_size": v["patch_size"],
-            "rescale_factor": 1 / 255,
-            "resample": 3,
-            "size": {"longest_edge": v["image_size"]},
-        }
-        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return cfg
 
 

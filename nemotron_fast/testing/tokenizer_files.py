@@ -1,7 +1,13 @@
-"""Tokenizer files (transformers format) for the tiny checkpoints.
+"""Tokenizer files (transformers format) for the tiny checkpoints, in the real NLD layout.
 
-Two vocabularies share one special-token layout, the Tekken one: ids 0..999 are special tokens, ordinary
-byte-level BPE tokens start at 1000.
+Two vocabularies share one special-token layout: ids 0..999 are special tokens, ordinary byte-level BPE tokens
+start at 1000. The named slots are the real checkpoint's (``../shared/spec/nld-model.md``; the image markers
+are checked at load by ``zojeda/jevons-rs``'s port of the VLM): ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
+``<|im_start|>`` 10, ``<|im_end|>`` 11 (the EOS), ``<think>`` 12 and ``</think>`` 13 (added tokens that are *not*
+special, so they survive decoding), ``<|image_start|>`` 18, ``<|image_pad|>`` 19, ``<|image_break|>`` 20,
+``<|image_end|>`` 21; the other slots are ``<SPECIAL_N>``, and ``<SPECIAL_100>`` is the config's MASK. A VLM
+tokenizer also appends ``|<MASK>|`` right after the vocabulary (id 131072 for Tekken), as the real VLM tokenizer
+does, and its config's ``vocab_size`` counts it.
 
 - ``"tekken"``: the real 131072-token Tekken vocabulary shipped in ``mistral-common``
   (``mistral_common/data/tekken_240911.json``), converted offline into a ``tokenizer.json``. Conversion takes a
@@ -10,8 +16,10 @@ byte-level BPE tokens start at 1000.
 - ``"small"``: the same 1000 specials followed by the 256 byte tokens and a few hundred merges trained with the
   ``tokenizers`` library on a small built-in English corpus (deterministic, a few milliseconds).
 
-Two slots get the roles NLD's config gives them: id 11 (Tekken's ``<pad>`` slot) is the EOS and id 100 is the
-MASK. The chat template is Mistral style and ends an assistant turn with the EOS string.
+The chat template is ChatML as upstream renders it: no BOS, ``<|im_start|>{role}\n{content}<|im_end|>\n`` per
+turn, each image of a message as one ``<|image_start|>`` placeholder (the processor replaces it by the image's
+whole marker run), and a generation prompt ``<|im_start|>assistant\n`` followed by ``<think></think>`` (thinking
+off, the default) or ``<think>\n`` (thinking on).
 """
 
 from __future__ import annotations
@@ -30,57 +38,51 @@ __all__ = [
     "write_tokenizer_files",
     "write_tokenizer_config",
     "special_token_names",
+    "add_special_tokens",
     "tekken_source_path",
     "CHAT_TEMPLATE",
-    "THINKING_INSTRUCTION",
+    "NAMED_SPECIALS",
+    "NON_SPECIAL_ADDED",
+    "VLM_MASK_TOKEN",
     "NUM_SPECIAL_TOKENS",
 ]
 
 NUM_SPECIAL_TOKENS = 1000
 # Bump when the conversion or the special names change, so stale caches are not reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
-# Ids 0..19 as mistral-common's Tekkenizer lays them out (DEPRECATED_SPECIAL_TOKENS), except slot 11.
-_TEKKEN_SPECIALS = (
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
-    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
-)
+# The named slots of the real NLD tokenizer (ids as the spec and jevons-rs record them).
+NAMED_SPECIALS: dict[int, str] = {
+    0: "<unk>", 1: "<s>", 2: "</s>", 10: "<|im_start|>", 11: "<|im_end|>", 12: "<think>", 13: "</think>",
+    18: "<|image_start|>", 19: "<|image_pad|>", 20: "<|image_break|>", 21: "<|image_end|>",
+}
+# Added tokens that the real tokenizer does not mark special (decoding keeps them).
+NON_SPECIAL_ADDED = frozenset({"<think>", "</think>"})
+# The VLM tokenizer's extra token right after the vocabulary.
+VLM_MASK_TOKEN = "|<MASK>|"
 _BOS, _EOS_ID, _MASK_ID = 1, 11, 100
-_IMG, _IMG_BREAK, _IMG_END = 10, 12, 13
-# NLD's config makes slot 11 (Tekken's "<pad>") the end of a completion; it also serves as the pad token.
-_EOS_NAME = "<|eos|>"
-_MASK_NAME = "<|mask|>"
 _SMALL_MERGES = 400
 
-THINKING_INSTRUCTION = "Think step by step before you answer, then give the final answer."
-
-# Mistral style: <s>[SYSTEM_PROMPT]..[/SYSTEM_PROMPT][INST]user[/INST]assistant<|eos|>...
-# The assistant turn starts right after [/INST], so add_generation_prompt adds nothing. Image parts render as
-# one [IMG] placeholder each, which the processor expands to the image's token layout.
+# ChatML (see the module docstring). Jinja string literals carry the newlines, so `{%- -%}` trimming never eats them.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
     "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
-    "{%- elif part['type'] in ['image', 'image_url'] -%}[IMG]"
+    "{%- elif part['type'] in ['image', 'image_url'] -%}{{ '<|image_start|>' }}"
     "{%- else -%}{{ raise_exception('unsupported content part type ' ~ part['type']) }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = render(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
-    "{%- if enable_thinking is defined and enable_thinking -%}"
-    "{%- set system = (system ~ '\\n\\n' if system else '') ~ '" + THINKING_INSTRUCTION + "' -%}"
-    "{%- endif -%}"
-    "{{ bos_token }}"
-    "{%- if system -%}[SYSTEM_PROMPT]{{ system }}[/SYSTEM_PROMPT]{%- endif -%}"
-    "{%- for m in turns -%}"
-    "{%- if m['role'] == 'user' -%}[INST]{{ render(m['content']) }}[/INST]"
-    "{%- elif m['role'] == 'assistant' -%}{{ render(m['content']) }}{{ eos_token }}"
-    "{%- else -%}{{ raise_exception('unsupported role ' ~ m['role'] ~ ' (user/assistant after one system)') }}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] in ['system', 'user', 'assistant'] -%}"
+    "{{ '<|im_start|>' ~ m['role'] ~ '\\n' }}{{ render(m['content']) }}{{ '<|im_end|>\\n' }}"
+    "{%- else -%}{{ raise_exception('unsupported role ' ~ m['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking -%}{{ '<think>\\n' }}"
+    "{%- else -%}{{ '<think></think>' }}{%- endif -%}"
+    "{%- endif -%}"
 )
 
 # The Tekken pre-tokenisation regex (facts from tekken_240911.json's config.pattern), used for both vocabs.
@@ -106,12 +108,12 @@ This is a test of the tokenizer. The model reads the prompt, looks at the image,
 """
 
 
-def special_token_names() -> list[str]:
-    """The 1000 special-token strings by id (Tekken layout; id 11 is the EOS, id 100 the MASK)."""
-    names = list(_TEKKEN_SPECIALS) + [f"<SPECIAL_{i}>" for i in range(len(_TEKKEN_SPECIALS), NUM_SPECIAL_TOKENS)]
-    names[_EOS_ID] = _EOS_NAME
-    names[_MASK_ID] = _MASK_NAME
-    return names
+def special_token_names(n: int = NUM_SPECIAL_TOKENS) -> list[str]:
+    """The first ``n`` special-token strings by id: :data:`NAMED_SPECIALS` where named, else ``<SPECIAL_N>``."""
+    last = max(*NAMED_SPECIALS, _MASK_ID)
+    if n <= last:
+        raise ValueError(f"the NLD special layout needs more than {last} slots, got {n}")
+    return [NAMED_SPECIALS.get(i, f"<SPECIAL_{i}>") for i in range(n)]
 
 
 def tekken_source_path() -> Path:
@@ -155,16 +157,26 @@ def _base_tokenizer(model: Any) -> Any:
     return tok
 
 
-def _add_specials(tok: Any, names: list[str]) -> None:
+def add_special_tokens(tok: Any, names: list[str], *, vlm_mask: bool) -> None:
+    """Register ``names`` as added tokens at ids 0..n-1 of ``tok`` (a ``tokenizers.Tokenizer`` whose vocabulary
+    already holds them there): special except :data:`NON_SPECIAL_ADDED`; with ``vlm_mask`` append
+    :data:`VLM_MASK_TOKEN` after the vocabulary."""
     from tokenizers import AddedToken
 
-    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names
+                            if n not in NON_SPECIAL_ADDED])
+    tok.add_tokens([AddedToken(n, special=False, normalized=False) for n in names if n in NON_SPECIAL_ADDED])
     for i, n in enumerate(names):
         if tok.token_to_id(n) != i:
             raise RuntimeError(f"special token {n!r} landed on id {tok.token_to_id(n)}, expected {i}")
+    if vlm_mask:
+        size = tok.get_vocab_size(with_added_tokens=True)
+        tok.add_special_tokens([AddedToken(VLM_MASK_TOKEN, special=True, normalized=False)])
+        if tok.token_to_id(VLM_MASK_TOKEN) != size:
+            raise RuntimeError(f"{VLM_MASK_TOKEN} landed on id {tok.token_to_id(VLM_MASK_TOKEN)}, expected {size}")
 
 
-def _small_tokenizer_json() -> str:
+def _small_tokenizer_json(vlm: bool) -> str:
     from tokenizers import models, pre_tokenizers, trainers
 
     names = special_token_names()
@@ -177,11 +189,11 @@ def _small_tokenizer_json() -> str:
         show_progress=False,
     )
     tok.train_from_iterator(_SMALL_CORPUS.splitlines(keepends=True), trainer)
-    _add_specials(tok, names)
+    add_special_tokens(tok, names, vlm_mask=vlm)
     return tok.to_str()
 
 
-def _tekken_tokenizer_json(source: Path) -> str:
+def _tekken_tokenizer_json(source: Path, vlm: bool) -> str:
     """Convert tiktoken-style ranks to a HF byte-level BPE: merges ordered by the rank of the merged token."""
     from tokenizers import models
 
@@ -210,7 +222,7 @@ def _tekken_tokenizer_json(source: Path) -> str:
     merges.sort(key=lambda m: m[:3])
     pairs = [(_bytes_str(m[3]), _bytes_str(m[4])) for m in merges]
     tok = _base_tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=True, fuse_unk=False))
-    _add_specials(tok, names)
+    add_special_tokens(tok, names, vlm_mask=vlm)
     return tok.to_str()
 
 
@@ -219,16 +231,16 @@ def _cache_dir() -> Path:
     return Path(base) / "nemotron_fast"
 
 
-def _cached_tekken_json() -> Path:
+def _cached_tekken_json(vlm: bool) -> Path:
     """Path of the converted Tekken ``tokenizer.json``, converting once and caching by content hash."""
     source = tekken_source_path()
     h = hashlib.sha256(source.read_bytes())
-    h.update(json.dumps([_FORMAT_VERSION, special_token_names()]).encode())
+    h.update(json.dumps([_FORMAT_VERSION, special_token_names(), sorted(NON_SPECIAL_ADDED), vlm]).encode())
     target = _cache_dir() / f"tekken-{h.hexdigest()[:20]}.tokenizer.json"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = _tekken_tokenizer_json(source)
+    text = _tekken_tokenizer_json(source, vlm)
     # Write then rename, so concurrent writers never expose a half-written file.
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tekken-", suffix=".tmp")
     try:
@@ -241,9 +253,9 @@ def _cached_tekken_json() -> Path:
     return target
 
 
-def write_tokenizer_config(out: Path, specials: dict[str, str], image_tokens: dict[str, str] | None) -> None:
-    """Write ``tokenizer_config.json`` (fast tokenizer, the chat template, no automatic BOS/EOS; the image
-    tokens' names when given) and ``special_tokens_map.json`` beside a ``tokenizer.json``."""
+def write_tokenizer_config(out: Path, specials: dict[str, str]) -> None:
+    """Write ``tokenizer_config.json`` (fast tokenizer, the ChatML template, no automatic BOS/EOS) and
+    ``special_tokens_map.json`` beside a ``tokenizer.json``."""
     tok_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -253,47 +265,41 @@ def write_tokenizer_config(out: Path, specials: dict[str, str], image_tokens: di
         "model_max_length": 262144,
         "chat_template": CHAT_TEMPLATE,
     }
-    if image_tokens is not None:
-        tok_config["extra_special_tokens"] = dict(image_tokens)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+
+
+def nld_special_roles(names: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """The ``special_tokens_map`` entries and the config ids (bos/eos/pad/mask) of the NLD layout ``names``."""
+    specials = {"bos_token": names[_BOS], "eos_token": names[_EOS_ID], "unk_token": names[0],
+                "pad_token": names[_EOS_ID], "mask_token": names[_MASK_ID]}
+    return specials, {"bos_token_id": _BOS, "eos_token_id": _EOS_ID, "pad_token_id": _EOS_ID,
+                      "mask_token_id": _MASK_ID}
 
 
 def write_tokenizer_files(path: str | Path, *, vocab: Literal["small", "tekken"], vlm: bool) -> dict[str, int]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` into ``path``.
 
-    Returns ``vocab_size`` (the tokenizer's size: 131072 for ``"tekken"``, about 1650 for ``"small"``) and the
-    ids ``bos_token_id`` (1), ``eos_token_id`` (11), ``pad_token_id`` (11), ``mask_token_id`` (100),
-    ``image_token_id`` (10), ``image_break_token_id`` (12), ``image_end_token_id`` (13), ready for
-    :func:`nemotron_fast.testing.tiny_config_dict`. ``vlm`` only documents the intent: both kinds of
-    checkpoint get the same files, the image ids are simply unused by a text model.
+    Returns ``vocab_size`` (the tokenizer's size: 131072 for ``"tekken"``, 131073 with the VLM's ``|<MASK>|``,
+    about 1650 for ``"small"``) and the config ids ``bos_token_id`` (1), ``eos_token_id`` (11, ``<|im_end|>``),
+    ``pad_token_id`` (11) and ``mask_token_id`` (100), ready for :func:`nemotron_fast.testing.tiny_config_dict`.
+    The image markers and chat tokens are not returned: like the real config, ours does not hold them, and the
+    package resolves them from these files by name.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if vocab == "tekken":
-        shutil.copyfile(_cached_tekken_json(), out / "tokenizer.json")
-        vocab_size = 131072
+        shutil.copyfile(_cached_tekken_json(vlm), out / "tokenizer.json")
     elif vocab == "small":
-        text = _small_tokenizer_json()
-        (out / "tokenizer.json").write_text(text, encoding="utf-8")
-        vocab_size = len(json.loads(text)["model"]["vocab"])
+        (out / "tokenizer.json").write_text(_small_tokenizer_json(vlm), encoding="utf-8")
     else:
         raise ValueError(f"vocab must be 'small' or 'tekken', got {vocab!r}")
-    names = special_token_names()
-    specials = {"bos_token": names[_BOS], "eos_token": _EOS_NAME, "unk_token": names[0], "pad_token": _EOS_NAME,
-                "mask_token": _MASK_NAME}
-    image_tokens = None
-    if vlm:
-        image_tokens = {"image_token": names[_IMG], "image_break_token": names[_IMG_BREAK],
-                        "image_end_token": names[_IMG_END]}
-    write_tokenizer_config(out, specials, image_tokens)
-    return {
-        "vocab_size": vocab_size,
-        "bos_token_id": _BOS,
-        "eos_token_id": _EOS_ID,
-        "pad_token_id": _EOS_ID,
-        "mask_token_id": _MASK_ID,
-        "image_token_id": _IMG,
-        "image_break_token_id": _IMG_BREAK,
-        "image_end_token_id": _IMG_END,
-    }
+    specials, ids = nld_special_roles(special_token_names())
+    write_tokenizer_config(out, specials)
+    return {"vocab_size": _tokenizer_size(out / "tokenizer.json"), **ids}
+
+
+def _tokenizer_size(path: Path) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
