@@ -406,8 +406,8 @@ def test_opencv_cubic_weights_at_offset_half() -> None:
     ours, hw = preprocess_image(Image.fromarray(arr, "RGB"), ENC, 28)
     assert hw == (28, 28)
     row = (ours[0, 14].numpy().astype(np.float64) * CLIP_STD[0] + CLIP_MEAN[0]) * 255  # back to [0, 255]
-    # output column j covers source columns 2j-1 .. 2j+2: column 21 is tap 0 of j=11, tap 1 of j=10,
-    # tap 2 of ... (2j = 20 -> taps 19, 20, 21, 22: 21 is tap 2 of j=10) and tap 3 of j=9 (taps 17..20: none)
+    # output column j samples source x = 2j + 0.5, taps 2j-1 .. 2j+2: source column 21 is tap 2 of j = 10
+    # (weight 0.59375) and tap 0 of j = 11 (weight -0.09375); no other output column reaches it
     expected = np.zeros(28)
     expected[10], expected[11] = 0.59375 * 255, -0.09375 * 255
     np.testing.assert_allclose(row, expected, atol=1e-3)

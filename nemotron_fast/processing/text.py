@@ -20,6 +20,7 @@ upstream would tokenise it as that token, which breaks the prompt's structure, s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -84,7 +85,7 @@ class Processor:
         control = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         control.update(config.special.token_text(a) for a in ("image_start", "image_pad", "image_break",
                                                                 "image_end", "im_start", "im_end"))
-        self._control_strings = sorted(control, key=len, reverse=True)
+        self._control_re = re.compile("|".join(re.escape(c) for c in sorted(control, key=len, reverse=True)))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: NLDConfig) -> Processor:
@@ -136,10 +137,11 @@ class Processor:
             self._check_text("system", system)
 
     def _check_text(self, field: str, text: str) -> None:
-        for s in self._control_strings:
-            if s in text:
-                raise InputValidationError.single(
-                    field, f"{field} contains the control token {s!r}, which would change the prompt's structure")
+        found = self._control_re.search(text)
+        if found:
+            raise InputValidationError.single(
+                field, f"{field} contains the control token {found.group()!r}, which would change the prompt's "
+                "structure")
 
     def prompt_ids(self, prompt: str, image_sizes: list[tuple[int, int]] | None = None, *,
                    system: str | None = None, enable_thinking: bool = False) -> list[int]:
