@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["add_bench_parser", "add_bench_arguments", "PRESETS"]
 
-PRESETS = ("full", "quick", "issue6")
+PRESETS = ("full", "quick", "issue6", "modes")
 
 _EPILOG = """presets:
   full    the whole matrix: every model (demo model when installed; Tekken-vocab checkpoints at three widths),
@@ -22,6 +22,8 @@ _EPILOG = """presets:
   quick   a subset that finishes in minutes on a 2-core CPU (--quick)
   issue6  issue 6's CPU acceptance benchmark: Tekken-vocab VLM, >= 1000 image+text prompt tokens, 512 new
           tokens, threshold 0.9, 256 steps, block 32; fast vs reference
+  modes   the three decoding modes of the same weights (diffusion, ar, linear_spec) on the demo model (or
+          --demo-model): parity with each mode's reference first, then tokens/s and tokens per forward
 Every list option below overrides the preset's value. The last stdout line is one JSON document."""
 
 
@@ -92,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
     # the checkout first: an unrelated top-level ``benchmarks`` package elsewhere on the path must not win
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    if args.preset == "modes" and not args.quick:
+        import benchmarks.modes as modes
+
+        return modes.run_from_bench_args(args)
     import benchmarks.run as runner
 
     return runner.run(args)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import NemotronFastError
+from .sampling import MODES
 
 __all__ = ["main", "build_parser"]
 
@@ -23,6 +24,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--block-length", type=int, default=None)
     g.add_argument("--threshold", type=float, default=None)
     g.add_argument("--sampler", choices=("fast", "reference"), default="fast")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="decoding mode of the same weights (default: diffusion, the endpoint's)")
     g.add_argument("--thinking", action="store_true",
                    help="let the model think first (the prompt ends with <think> instead of <think></think>)")
     g.add_argument("--max-image-size", type=int, default=None,
@@ -56,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     inputs: dict = {"image_url": args.image, "prompt": args.prompt}
     for key, val in (("max_tokens", args.max_tokens), ("num_inference_steps", args.steps),
-                     ("block_length", args.block_length), ("threshold", args.threshold)):
+                     ("block_length", args.block_length), ("threshold", args.threshold), ("mode", args.mode)):
         if val is not None:
             inputs[key] = val
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler,
@@ -68,7 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
     u, t = out["usage"], out["timings"]
     print(out["output"])
     tpf = u["completion_tokens"] / max(u["num_function_evals"], 1)
-    print(f"[{args.sampler}] prompt {u['prompt_tokens']} tok, completion {u['completion_tokens']} tok, "
+    print(f"[{args.sampler}, {args.mode or 'diffusion'}] prompt {u['prompt_tokens']} tok, "
+          f"completion {u['completion_tokens']} tok, "
           f"{u['num_function_evals']} forwards ({tpf:.2f} tok/forward); total {t['total_time']:.2f}s, "
           f"generation {t['generation_time']:.2f}s", file=sys.stderr)
     return 0

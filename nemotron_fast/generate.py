@@ -14,6 +14,10 @@ The loop is a handful of named functions over preallocated state (gpt-fast style
   K/V; only the block's last position goes through the head (the next seed).
 
 Ragged batches are left-padded so every row's prefix ends at the same cache slot; padded slots are masked.
+
+:func:`generate` also serves the other two decoding modes of the same weights (``mode="ar"`` and
+``mode="linear_spec"``), whose loops live in :mod:`nemotron_fast.decode` and reuse :func:`prefill` and the
+preallocated cache.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from .kernels.head_confidence import head_confidence_argmax
 from .kernels.unmask import select_unmask
 from .model import KVCache, NLDModel
-from .sampling import GenerationResult, NoiseSource, SamplingPolicy, gumbel_argmax, resolve_schedule
+from .sampling import GenerationResult, NoiseSource, SamplingPolicy, check_mode, gumbel_argmax, resolve_schedule
 
 __all__ = ["generate", "prefill", "denoise_step", "select", "commit", "BlockCallback"]
 
@@ -170,8 +174,18 @@ def generate(
     policy: SamplingPolicy | None = None,
     callback: BlockCallback | None = None,
     use_cuda_graphs: bool = True,
+    mode: str = "diffusion",
+    draft_lora: bool = True,
 ) -> GenerationResult:
-    """Block-diffusion generation with the fast path; the result equals the reference's for the same call.
+    """Generation with the fast path in one of the three decoding modes; the result equals the reference's
+    (:func:`nemotron_fast.reference.generate` with the same ``mode``) for the same call.
+
+    ``mode="diffusion"`` (default) is block diffusion, described below. ``"ar"`` is upstream's ``ar_generate``
+    and ``"linear_spec"`` upstream's ``linear_spec_generate`` (batched here, each row equal to its run alone),
+    see :mod:`nemotron_fast.decode`: both ignore ``steps``; ``ar`` ignores ``block_length`` and ``threshold``;
+    ``linear_spec`` reads ``threshold=None`` as 0 (one-pass draft) and switches the checkpoint's draft adapter
+    (``linear_spec_lora/``) on for draft forwards when ``draft_lora`` is True. The callback runs after each
+    ``block_length`` tokens (ar) or each verify (linear_spec).
 
     Args:
         model: an :class:`NLDModel` (see :func:`nemotron_fast.load`).
@@ -190,6 +204,11 @@ def generate(
         :class:`GenerationResult` with completion ids per row, NFE and the reveal trace.
     """
     policy = policy or SamplingPolicy()
+    if check_mode(mode) != "diffusion":
+        return _generate_other_mode(model, input_ids, pixel_values, image_sizes, mode=mode,
+                                    max_new_tokens=max_new_tokens, block_length=block_length, threshold=threshold,
+                                    temperature=temperature, eos_token_id=eos_token_id, seed=seed, policy=policy,
+                                    callback=callback, draft_lora=draft_lora)
     sched = resolve_schedule(max_new_tokens, block_length, steps)
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
@@ -259,6 +278,47 @@ def generate(
                                decoded=(blk + 1) * length)
     trace = _trace(rev_buf[:len(slot_block)], stepped_buf[:len(slot_block)], slot_block, length)
     return GenerationResult(completions, len(trace) + commits, trace, st.row_nfe.tolist(), timings)
+
+
+def _generate_other_mode(model: NLDModel, input_ids: torch.Tensor | Sequence, pixel_values: torch.Tensor | None,
+                         image_sizes: torch.Tensor | None, *, mode: str, max_new_tokens: int, block_length: int,
+                         threshold: float | None, temperature: float, eos_token_id: int | Sequence[int] | None,
+                         seed: int | None, policy: SamplingPolicy, callback: BlockCallback | None,
+                         draft_lora: bool) -> GenerationResult:
+    """The ar / linear_spec fast paths (:mod:`nemotron_fast.decode`) after the shared input handling."""
+    from .decode import generate_ar, generate_linear_spec
+
+    resolve_schedule(max_new_tokens, block_length, None)  # validates both numbers
+    thr = 0.0 if threshold is None else float(threshold)
+    if not 0.0 <= thr <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    cfg = model.config
+    eos_ids = cfg.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    exclude_id = cfg.mask_token_id if policy.exclude_mask else None
+    noise = NoiseSource(seed) if temperature > 0 else None
+    t0 = time.perf_counter()
+    ids, pad = _pad_prompts(model, input_ids)
+    feats = None
+    if pixel_values is not None:
+        if image_sizes is None:
+            raise ValueError("pixel_values need image_sizes")
+        feats = model.image_features(pixel_values.to(model.device), image_sizes)
+    vision = time.perf_counter() - t0
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
+    if mode == "ar":
+        result = generate_ar(model, ids, pad, feats, max_new_tokens=max_new_tokens, temperature=temperature,
+                             eos=eos, noise=noise, exclude_id=exclude_id, policy=policy, callback=callback,
+                             callback_every=block_length)
+    else:
+        result = generate_linear_spec(model, ids, pad, feats, max_new_tokens=max_new_tokens,
+                                      block_length=block_length, threshold=thr, temperature=temperature, eos=eos,
+                                      noise=noise, exclude_id=exclude_id, policy=policy, use_lora=draft_lora,
+                                      callback=callback)
+    result.timings["vision"] = vision
+    return result
 
 
 @dataclass(frozen=True)

@@ -11,25 +11,34 @@ Attention modes (see ``spec/nld-model.md``):
 - causal (prefill, block commit): :meth:`TwinModel.causal_forward` writes the block's K/V to the cache;
 - diffusion (denoise step): :meth:`TwinModel.diffusion_forward` lets the block attend to the whole cached prefix
   and to itself with no mask, at positions ``past_len + arange(L)``, and leaves the cache as it found it.
+
+The linear_spec draft adapter (``linear_spec_lora/``, when the checkpoint has one) is read into
+:attr:`TwinModel.draft_lora` and switched on PEFT-style by :meth:`TwinModel.draft_adapter`, independently of how
+our model applies it. The cache is passed to transformers under the argument name the installed version takes
+(``cache`` since the 5.x rename, ``past_key_values`` on the oldest 5.x; checked once by signature).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import NLDConfig, load_config
+from .model.lora import DraftLoRA, load_draft_lora
 from .model.weights import check_keys, read_safetensors
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, Ministral3Config, Mistral3Config, PixtralVisionConfig
 
-__all__ = ["TwinModel", "load_twin", "build_text_config", "build_vision_config", "build_projector_config",
+__all__ = ["TwinModel", "load_twin", "crop_cache", "build_text_config", "build_vision_config", "build_projector_config",
            "read_safetensors", "check_keys"]
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -156,6 +165,8 @@ class TwinModel(nn.Module):
             self.encoder.vision_tower = PixtralVisionModel(self.vision_config)
             self.encoder.multi_modal_projector = Mistral3MultiModalProjector(self.projector_config)
         self.diffusion_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        #: The linear_spec draft adapter read from ``linear_spec_lora/`` (fp32), or None.
+        self.draft_lora: DraftLoRA | None = None
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +216,38 @@ class TwinModel(nn.Module):
                              f"pixel_values {tuple(pixel_values.shape)} with image_sizes {image_sizes.tolist()}")
         return embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), feats.to(embeds.dtype))
 
+    def _run_encoder(self, inputs_embeds: torch.Tensor, cache: DynamicCache, **kw: object) -> torch.Tensor:
+        """The backbone over ``inputs_embeds`` with ``cache``, passed under the name this transformers takes:
+        ``cache=`` (5.x after the rename; ``past_key_values`` is deprecated there and removed in 5.40) or
+        ``past_key_values=`` (the oldest 5.x). Returns the last hidden state."""
+        out = self.encoder(inputs_embeds=inputs_embeds, **{_cache_kwarg(): cache}, use_cache=True, **kw)
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def draft_adapter(self, enabled: bool = True) -> Iterator[None]:
+        """Switch the ``linear_spec_lora`` draft adapter (:attr:`draft_lora`) on for the forwards inside, the way
+        PEFT's ``lora.Linear`` computes it: forward hooks that add ``lora_B(lora_A(x)) * scaling`` (in the
+        adapter's fp32) to each adapted projection's output. No adapter, or ``enabled`` False: nothing changes."""
+        lora = self.draft_lora
+        if lora is None or not enabled:
+            yield
+            return
+        handles = []
+        for (i, proj), (a, b) in lora.weights.items():
+            module = getattr(self.encoder.layers[i].self_attn, proj)
+            a_, b_ = a.to(self.device), b.to(self.device)
+
+            def hook(mod: nn.Module, args: tuple, out: torch.Tensor, a_=a_, b_=b_) -> torch.Tensor:
+                x = args[0].to(a_.dtype)
+                return (out.to(a_.dtype) + F.linear(F.linear(x, a_), b_) * lora.scale).to(out.dtype)
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     def _positions(self, cache: DynamicCache, length: int) -> tuple[int, torch.Tensor]:
         past = cache.get_seq_length()
         return past, (past + torch.arange(length, device=self.device)).unsqueeze(0)
@@ -214,8 +257,7 @@ class TwinModel(nn.Module):
         """Causal forward of ``inputs_embeds`` ``[B, S, hidden]`` after the cached prefix; appends its K/V to
         ``cache``. Returns logits ``[B, S, vocab]`` in the model dtype (``logits[i]`` predicts token ``i + 1``)."""
         _, pos = self._positions(cache, inputs_embeds.shape[1])
-        out = self.encoder(inputs_embeds=inputs_embeds, position_ids=pos, past_key_values=cache, use_cache=True)
-        return self.diffusion_head(out.last_hidden_state)
+        return self.diffusion_head(self._run_encoder(inputs_embeds, cache, position_ids=pos))
 
     @torch.no_grad()
     def diffusion_forward(self, inputs_embeds_block: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -228,13 +270,27 @@ class TwinModel(nn.Module):
         # An explicit 4-D additive mask of zeros: transformers uses a prepared 4-D mask as-is, so nothing is masked.
         full = torch.zeros(b, 1, length, past + length, dtype=inputs_embeds_block.dtype, device=self.device)
         try:
-            out = self.encoder(inputs_embeds=inputs_embeds_block, attention_mask=full, position_ids=pos,
-                               past_key_values=cache, use_cache=True)
+            hidden = self._run_encoder(inputs_embeds_block, cache, attention_mask=full, position_ids=pos)
         finally:
-            grown = cache.get_seq_length() - past
-            if grown > 0:
-                cache.crop(-grown)
-        return self.diffusion_head(out.last_hidden_state)
+            crop_cache(cache, past)
+        return self.diffusion_head(hidden)
+
+
+def crop_cache(cache: DynamicCache, keep: int) -> None:
+    """Keep the first ``keep`` positions of ``cache``. Passed as a negative count (tokens to remove), the one
+    form every transformers 5.x accepts: 5.24 rejects the 4.x-style absolute length that upstream's
+    ``_crop_dynamic_cache`` passes."""
+    grown = cache.get_seq_length() - keep
+    if grown > 0:
+        cache.crop(-grown)
+
+
+@functools.cache
+def _cache_kwarg() -> str:
+    """The name ``Ministral3Model.forward`` takes the cache under in the installed transformers."""
+    from transformers import Ministral3Model
+
+    return "cache" if "cache" in inspect.signature(Ministral3Model.forward).parameters else "past_key_values"
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, cfg: NLDConfig) -> torch.dtype:
@@ -275,5 +331,6 @@ def load_twin(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     for param in model.parameters():
         param.data = param.data.to(dt)
     model.load_state_dict(read_safetensors(path), strict=True)
+    model.draft_lora = load_draft_lora(path, cfg.text.num_hidden_layers)
     model.eval()
     return model

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputValidationError
+from .sampling import MODES
 
 __all__ = ["RequestParams", "validate_inputs", "DEFAULTS", "MAX_TOKENS_LIMIT"]
 
@@ -30,14 +31,15 @@ class RequestParams:
     threshold: float
     steps: int
     num_blocks: int
+    mode: str = "diffusion"
 
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
-    def batch_key(self) -> tuple[int, int, int, float]:
+    def batch_key(self) -> tuple[int, int, int, float, str]:
         """Requests with equal keys can share one batched generation."""
-        return (self.max_tokens, self.block_length, self.steps, self.threshold)
+        return (self.max_tokens, self.block_length, self.steps, self.threshold, self.mode)
 
 
 def _err(field: str, msg: str, type_: str, value: Any = None) -> dict[str, Any]:
@@ -68,6 +70,10 @@ def validate_inputs(inputs: Any) -> RequestParams:
     >= 1 (32); ``threshold`` in [0, 1] (0.9); ``num_inference_steps`` (alias ``inference_steps``): explicit
     values must be >= and divisible by ``num_blocks = ceil(max_tokens / block_length)``, an omitted one is 256
     rounded up to the next multiple of ``num_blocks``. Unknown fields are ignored, as the hosted endpoint does.
+
+    Beyond the endpoint's schema, an opt-in ``mode`` picks the decoding mode of the same weights:
+    ``"diffusion"`` (default: the endpoint's behaviour), ``"ar"`` or ``"linear_spec"`` (see
+    :func:`nemotron_fast.generate`); the step rule is applied in every mode (the others ignore the steps).
     """
     if not isinstance(inputs, dict):
         raise InputValidationError([{"loc": ["body"], "msg": "Input should be a valid dictionary",
@@ -97,6 +103,12 @@ def validate_inputs(inputs: Any) -> RequestParams:
     elif not 0.0 <= threshold <= 1.0:
         errors.append(_err("threshold", f"Input should be between 0 and 1, got {threshold}", "value_error", threshold))
         threshold = None
+    mode = inputs.get("mode")
+    if mode is None:
+        mode = "diffusion"
+    elif mode not in MODES:
+        errors.append(_err("mode", f"Input should be one of {', '.join(repr(m) for m in MODES)}", "literal_error",
+                           mode))
     steps_a = _int_field(inputs, "num_inference_steps", errors, 1)
     steps_b = _int_field(inputs, "inference_steps", errors, 1)
     if steps_a is not None and steps_b is not None and steps_a != steps_b:
@@ -118,4 +130,4 @@ def validate_inputs(inputs: Any) -> RequestParams:
     if errors:
         raise InputValidationError(errors)
     assert mt is not None and bl is not None and num_blocks is not None and steps is not None
-    return RequestParams(strings["image_url"], strings["prompt"], mt, bl, float(threshold), steps, num_blocks)
+    return RequestParams(strings["image_url"], strings["prompt"], mt, bl, float(threshold), steps, num_blocks, mode)

@@ -1,5 +1,7 @@
 """The endpoint in a box: the hosted API's input schema in, its output schema (``output``, ``usage``,
-``timings``) out. Used by the CLI, the server and Python users.
+``timings``) out. Used by the CLI, the server and Python users. An opt-in ``mode`` input beyond the schema
+(``"diffusion"`` by default, ``"ar"``, ``"linear_spec"``) picks the decoding mode; ``usage.num_function_evals``
+is that mode's NFE (upstream's convention per mode, see :class:`~nemotron_fast.sampling.GenerationResult`).
 
 Phases are timed as the endpoint reports them: ``image_validation_time`` (fetch, decode, validate the image),
 ``preprocessing_time`` (chat template, tokenisation, image tensors), ``gpu_transfer_time`` (host-to-device
@@ -8,6 +10,7 @@ copies), ``generation_time`` (vision tower, prefill, denoise, commits), ``decode
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,7 +72,11 @@ class Pipeline:
     def _generate(self, input_ids: Any, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
                   p: RequestParams, policy: SamplingPolicy,
                   callback: Callable[[int, list[list[int]]], bool | None] | None) -> GenerationResult:
-        kw = dict(max_new_tokens=p.max_tokens, steps=p.steps, block_length=p.block_length, threshold=p.threshold)
+        kw = dict(max_new_tokens=p.max_tokens, steps=p.steps, block_length=p.block_length, threshold=p.threshold,
+                  mode=p.mode)
+        if p.mode == "linear_spec":
+            # the endpoint cuts every completion to max_tokens; upstream's self-speculation can overshoot it
+            policy = dataclasses.replace(policy, truncate_overshoot=True)
         if self.sampler == "reference":
             from .reference import generate as ref_generate
 
@@ -104,8 +111,9 @@ class Pipeline:
         t_start = time.perf_counter()
         p, proc, timings = self._prepare(inputs, allow_private_urls)
         if log:
-            log(f"prompt: {proc.num_prompt_tokens} tokens; {p.num_blocks} blocks of {p.block_length}, "
-                f"{p.steps_per_block} steps each")
+            log(f"prompt: {proc.num_prompt_tokens} tokens; " + (
+                f"{p.num_blocks} blocks of {p.block_length}, {p.steps_per_block} steps each" if p.mode == "diffusion"
+                else f"mode {p.mode}, up to {p.max_tokens} tokens"))
         t0 = time.perf_counter()
         dev = self.model.device
         ids = proc.input_ids.to(dev)
@@ -121,7 +129,8 @@ class Pipeline:
             if on_progress is not None:
                 on_progress(self.processor.decode(completions[0]))
             if log:
-                log(f"block {block + 1}/{p.num_blocks} committed")
+                log(f"block {block + 1}/{p.num_blocks} committed" if p.mode == "diffusion"
+                    else f"{len(completions[0])} tokens")
             if should_cancel is not None and should_cancel():
                 cancelled = True
                 return False
@@ -177,7 +186,7 @@ class Pipeline:
             pix = pix.to(dev, self.model.dtype)
             sizes = torch.cat([proc.image_sizes for _, _, proc, _, _ in rows if proc.image_sizes is not None]).to(dev)
         transfer = time.perf_counter() - t0
-        policy = SamplingPolicy(self.policy.exclude_mask, self.policy.finish_last_step, True)
+        policy = dataclasses.replace(self.policy, per_row_eos=True)
 
         def all_cancelled(block: int, completions: list[list[int]]) -> bool:
             # the group stops at the next block once every one of its rows is cancelled

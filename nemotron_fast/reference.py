@@ -25,7 +25,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .sampling import GenerationResult, NoiseSource, SamplingPolicy, even_schedule, gumbel_argmax, resolve_schedule
+from .sampling import (
+    GenerationResult,
+    NoiseSource,
+    SamplingPolicy,
+    check_mode,
+    even_schedule,
+    gumbel_argmax,
+    resolve_schedule,
+)
 
 __all__ = ["generate", "propose", "select_threshold", "select_topk", "eos_stop_rows", "first_eos", "pick_next",
            "get_twin"]
@@ -272,8 +280,14 @@ def generate(
     seed: int | None = None,
     policy: SamplingPolicy | None = None,
     mask_token_id: int | None = None,
+    mode: str = "diffusion",
+    draft_lora: bool = True,
 ) -> GenerationResult:
-    """Run the reference block-diffusion sampler.
+    """Run the reference sampler of one decoding mode: block diffusion (``mode="diffusion"``, the default, below),
+    or upstream's ``ar_generate`` (``"ar"``) / ``linear_spec_generate`` (``"linear_spec"``), see
+    :mod:`nemotron_fast.reference_modes`. The other modes ignore ``steps``; ``ar`` ignores ``block_length`` and
+    ``threshold``; ``linear_spec`` reads ``threshold=None`` as 0 (one-pass draft), runs one row at a time and
+    uses the checkpoint's draft adapter during draft forwards when it has one and ``draft_lora`` is True.
 
     ``model``: a :class:`~nemotron_fast.hf_twin.TwinModel`, a checkpoint path, or a model object with
     ``checkpoint_path`` (its twin is loaded once and cached as ``_nf_twin``). ``input_ids`` ``[B, P]`` long
@@ -293,6 +307,18 @@ def generate(
     mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
     eos = _eos_ids(twin, eos_token_id)
     _validate(twin, input_ids, pixel_values, image_sizes, temperature, threshold, eos, mask_id)
+    if check_mode(mode) != "diffusion":
+        from . import reference_modes
+
+        resolve_schedule(max_new_tokens, block_length, None)  # the same checks of the two numbers
+        prompt = input_ids.to(device=twin.device, dtype=torch.long)
+        if mode == "ar":
+            return reference_modes.generate_ar(twin, prompt, pixel_values, image_sizes, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, eos=eos, seed=seed, policy=policy)
+        return reference_modes.generate_linear_spec(
+            twin, prompt, pixel_values, image_sizes, max_new_tokens=max_new_tokens, block_length=block_length,
+            threshold=float(threshold or 0.0), temperature=temperature, eos=eos, mask_id=mask_id, seed=seed,
+            policy=policy, use_lora=draft_lora)
     sched = resolve_schedule(max_new_tokens, block_length, steps)
     n_rows, length, spb = input_ids.shape[0], sched.block_length, sched.steps_per_block
     vocab = cfg.vocab_size

@@ -10,13 +10,28 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "MODES",
+    "check_mode",
     "SamplingPolicy",
     "GenerationResult",
+    "SpecStep",
     "Schedule",
     "resolve_schedule",
     "even_schedule",
     "NoiseSource",
 ]
+
+
+#: The three decoding modes of the same weights (``spec/sampler.md``): block diffusion (upstream ``generate``),
+#: autoregressive (``ar_generate``) and linear self-speculation (``linear_spec_generate``).
+MODES = ("diffusion", "ar", "linear_spec")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ``ValueError`` naming the choices."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -27,20 +42,37 @@ class SamplingPolicy:
     - ``finish_last_step``: on a block's last allowed step every remaining MASK is revealed, so no MASK reaches
       the output (vLLM).
     - ``per_row_eos``: each row stops at its own EOS, making every row's result identical to running it alone.
+    - ``truncate_overshoot`` (linear_spec): cut the output to ``max_new_tokens``. Upstream's
+      ``linear_spec_generate`` emits whole accepted runs and can overshoot by up to ``block_length - 1`` tokens
+      (the MLX port truncates); the NFE is the same either way.
     """
 
     exclude_mask: bool = False
     finish_last_step: bool = False
     per_row_eos: bool = False
+    truncate_overshoot: bool = False
 
     @property
     def is_reference(self) -> bool:
-        return not (self.exclude_mask or self.finish_last_step or self.per_row_eos)
+        return not (self.exclude_mask or self.finish_last_step or self.per_row_eos or self.truncate_overshoot)
 
     @property
     def name(self) -> str:
-        on = [n for n in ("exclude_mask", "finish_last_step", "per_row_eos") if getattr(self, n)]
+        on = [n for n in ("exclude_mask", "finish_last_step", "per_row_eos", "truncate_overshoot") if getattr(self, n)]
         return "+".join(on) if on else "reference"
+
+
+@dataclass(frozen=True)
+class SpecStep:
+    """One linear_spec iteration of one row: the ``draft`` block the verify read (``[seed, drafted x (L-1)]``),
+    the verify forward's choice at each of its ``L`` positions (``verify[i]`` is the token after ``draft[i]``),
+    the ``accepted`` count (1 + the longest prefix with ``verify[i] == draft[i + 1]``; the row emitted
+    ``verify[:accepted]``, cut at an EOS) and the draft forwards this iteration took (``draft_nfe``)."""
+
+    draft: tuple[int, ...]
+    verify: tuple[int, ...]
+    accepted: int
+    draft_nfe: int
 
 
 @dataclass
@@ -55,6 +87,12 @@ class GenerationResult:
     - ``trace``: one entry per denoise forward: for each row, the sorted completion offsets revealed by that step.
     - ``timings``: seconds spent per phase (``vision``, ``prefill``, ``denoise``, ``select``, ``commit``), filled
       by samplers that measure them.
+    - ``spec_trace`` (linear_spec only): one entry per verify iteration, per row the :class:`SpecStep` (``None``
+      for a row that had already finished). ``acceptance`` reads the accepted counts out of it.
+
+    The other modes count NFE as upstream does: ``ar`` one per generated token (the prefill's logit gives the
+    first, the last one is never forwarded); ``linear_spec`` every forward including the prefill. ``trace`` is
+    empty for both.
     """
 
     completion_ids: list[list[int]]
@@ -62,10 +100,16 @@ class GenerationResult:
     trace: list[list[list[int]]]
     row_nfe: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    spec_trace: list[list[SpecStep | None]] = field(default_factory=list)
 
     @property
     def num_completion_tokens(self) -> int:
         return sum(len(r) for r in self.completion_ids)
+
+    @property
+    def acceptance(self) -> list[list[int]]:
+        """Per linear_spec iteration, per row: tokens accepted (0 for a finished row)."""
+        return [[s.accepted if s is not None else 0 for s in it] for it in self.spec_trace]
 
 
 @dataclass(frozen=True)

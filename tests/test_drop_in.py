@@ -7,7 +7,10 @@ the module layout ``encoder.{embed_tokens, layers, norm, vision_tower, multi_mod
 ``get_image_features(pixel_values, image_sizes)``, ``_embed_with_vision(input_ids, pixel_values, image_sizes)``
 (features into the ``IMAGE_TOKEN_ID`` slots only) and ``generate(prompt_ids, pixel_values=, image_sizes=,
 max_new_tokens=, steps=, block_length=, shift_logits=False, threshold=, eos_token_id=)`` running the upstream
-algorithm (our reference)."""
+algorithm (our reference), and upstream's other two modes ``ar_generate(prompt_ids, max_new_tokens=128,
+temperature=0.0, eos_token_id=None, ...)`` and ``linear_spec_generate(prompt_ids, max_new_tokens=128,
+block_length=32, temperature=0.0, mask_token_id=None, eos_token_id=None, ..., threshold=0.0)`` (our reference
+modes, with the checkpoint's ``linear_spec_lora/`` adapter on during drafts)."""
 
 from __future__ import annotations
 
@@ -66,6 +69,22 @@ class UpstreamStandIn(torch.nn.Module):
         r = reference.generate(self._twin, prompt_ids, pixel_values, image_sizes, max_new_tokens=max_new_tokens,
                                steps=steps, block_length=block_length, threshold=threshold,
                                eos_token_id=eos_token_id)
+        return torch.cat([prompt_ids, torch.tensor(r.completion_ids)], 1), r.nfe
+
+    def ar_generate(self, prompt_ids, max_new_tokens=128, temperature=0.0, eos_token_id=None,
+                    max_thinking_tokens=None, end_think_token_id=None):
+        r = reference.generate(self._twin, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               eos_token_id=eos_token_id, mode="ar")
+        return torch.cat([prompt_ids, torch.tensor(r.completion_ids)], 1), r.nfe
+
+    def linear_spec_generate(self, prompt_ids, max_new_tokens=128, block_length=32, temperature=0.0,
+                             mask_token_id=None, eos_token_id=None, max_thinking_tokens=None,
+                             end_think_token_id=None, threshold=0.0):
+        if prompt_ids.shape[0] != 1:
+            raise ValueError("Linear speculative decoding requires batch_size == 1")
+        r = reference.generate(self._twin, prompt_ids, max_new_tokens=max_new_tokens, block_length=block_length,
+                               temperature=temperature, eos_token_id=eos_token_id, threshold=threshold,
+                               mask_token_id=mask_token_id, mode="linear_spec")
         return torch.cat([prompt_ids, torch.tensor(r.completion_ids)], 1), r.nfe
 
 
@@ -157,3 +176,68 @@ def test_patch_rejects_unsupported_options(ckpt_factory) -> None:
         model.generate(ids, max_new_tokens=8, block_length=4, bogus=1)
     with pytest.raises(TypeError, match="upstream module layout"):
         nemotron_fast.patch(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_patch_replaces_ar_and_linear_spec(ckpt_factory, lora: bool) -> None:
+    model = _standin(ckpt_factory(vlm=False, seed=21, head_scale=8.0, draft_lora_rank=4 if lora else 0))
+    cfg = model._twin.config
+    ids = text_prompt(cfg, 4, 11)
+    free = model.ar_generate(ids, 12)
+    eos = int(free[0][0, ids.shape[1] + 4])
+    upstream_ar = model.ar_generate(ids, max_new_tokens=12, eos_token_id=eos)
+    upstream_spec = model.linear_spec_generate(ids, max_new_tokens=13, block_length=5, threshold=0.5)
+    upstream_spec0 = model.linear_spec_generate(ids, 13, 6)
+    originals = (model.ar_generate, model.linear_spec_generate)
+    nemotron_fast.patch(model)
+    shadow = vars(model)["_nemotron_fast"]["model"]
+    assert (shadow.draft_lora is not None) == lora
+    fast_ar = model.ar_generate(ids, max_new_tokens=12, eos_token_id=eos)
+    fast_spec = model.linear_spec_generate(ids, max_new_tokens=13, block_length=5, threshold=0.5)
+    fast_spec0 = model.linear_spec_generate(ids, 13, 6)
+    for fast, upstream in ((fast_ar, upstream_ar), (fast_spec, upstream_spec), (fast_spec0, upstream_spec0)):
+        assert torch.equal(fast[0], upstream[0]) and fast[1] == upstream[1]
+    with pytest.raises(ValueError, match="batch_size == 1"):
+        model.linear_spec_generate(ids.expand(2, -1), 8)
+    with pytest.raises(NotImplementedError, match="thinking"):
+        model.ar_generate(ids, 8, max_thinking_tokens=4, end_think_token_id=5)
+    nemotron_fast.unpatch(model)
+    assert (model.ar_generate, model.linear_spec_generate) == originals
+    assert "ar_generate" not in vars(model) and "linear_spec_generate" not in vars(model)
+
+
+class _PeftLoraLinear(torch.nn.Module):
+    """What PEFT's ``lora.Linear`` looks like to patch(): ``base_layer`` + ``lora_A``/``lora_B`` ModuleDicts keyed
+    by adapter name + a ``scaling`` dict (state-dict keys ``<proj>.base_layer.weight``, ``<proj>.lora_A.default
+    .weight``). Its forward is the base layer's: the stand-in's reference adds the delta itself during drafts."""
+
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(a.shape[1], a.shape[0], bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(b.shape[1], b.shape[0], bias=False)})
+        self.lora_A["default"].weight.data = a.clone()
+        self.lora_B["default"].weight.data = b.clone()
+        self.scaling = {"default": scale}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+
+def test_patch_reads_a_peft_attached_draft_adapter(ckpt_factory, tmp_path: Path) -> None:
+    model = _standin(ckpt_factory(vlm=False, seed=21, head_scale=8.0, draft_lora_rank=4))
+    lora = model._twin.draft_lora
+    for (i, proj), (a, b) in lora.weights.items():
+        attn = model.encoder.layers[i].self_attn
+        setattr(attn, proj, _PeftLoraLinear(getattr(attn, proj), a, b, lora.scale))
+    model.name_or_path = str(tmp_path)  # no linear_spec_lora/ folder there: the attached layers must serve
+    ids = text_prompt(model._twin.config, 5, 9)
+    upstream = model.linear_spec_generate(ids, max_new_tokens=12, block_length=6, threshold=0.5)
+    nemotron_fast.patch(model)
+    shadow = vars(model)["_nemotron_fast"]["model"]
+    assert shadow.draft_lora is not None and shadow.draft_lora.scale == lora.scale
+    assert set(shadow.draft_lora.weights) == set(lora.weights)
+    assert shadow.encoder.layers[0].self_attn.o_proj.weight.data_ptr() == \
+        model.encoder.layers[0].self_attn.o_proj.base_layer.weight.data_ptr()
+    fast = model.linear_spec_generate(ids, max_new_tokens=12, block_length=6, threshold=0.5)
+    assert torch.equal(fast[0], upstream[0]) and fast[1] == upstream[1]

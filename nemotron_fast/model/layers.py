@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TextConfig
+from .lora import lora_delta
 
 __all__ = ["RMSNorm", "RotaryEmbedding", "yarn_inv_freq", "Attention", "MLP", "DecoderLayer", "rotate_half"]
 
@@ -126,26 +127,46 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
+        slots: torch.Tensor | None = None,
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
     ) -> torch.Tensor:
         """x [B, T, H]; attn_mask bool [B, 1, T, S] (True = attend) or None (full attention);
-        kv: this layer's cache (k, v), each [B, Hkv, S_max, D]."""
+        kv: this layer's cache (k, v), each [B, Hkv, S_max, D].
+
+        ``slots`` int64 [B, T] (optional): per-row cache slots of the new tokens, for rows whose cached lengths
+        differ (linear_spec); the keys then span ``[0, start)`` with ``start`` the caller's bound on every row's
+        ``slots + 1``. ``lora``: projection name -> (A, B, scale), a low-rank delta added to that projection
+        (the linear_spec draft adapter)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
+        q = self._proj("q_proj", x, lora).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self._proj("k_proj", x, lora).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self._proj("v_proj", x, lora).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
         cos, sin, q_scale = rope
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:
             q = q * q_scale
-        if kv is not None:
+        if kv is not None and slots is not None:
+            ck, cv = kv
+            rows = torch.arange(b, device=x.device)[:, None]
+            ck[rows, :, slots] = k.transpose(1, 2)
+            cv[rows, :, slots] = v.transpose(1, 2)
+            k, v = ck[:, :, :start], cv[:, :, :start]
+        elif kv is not None:
             ck, cv = kv
             ck[:, :, start:start + t] = k
             cv[:, :, start:start + t] = v
             k, v = ck[:, :, :start + t], cv[:, :, :start + t]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self._proj("o_proj", out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), lora)
+
+    def _proj(self, name: str, x: torch.Tensor, lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None
+              ) -> torch.Tensor:
+        y = getattr(self, name)(x)
+        if lora is None or name not in lora:
+            return y
+        return lora_delta(x, y, lora[name])
 
 
 class MLP(nn.Module):
@@ -174,6 +195,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                 attn_mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, kv, start)
+                start: int = 0, slots: torch.Tensor | None = None,
+                lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, kv, start, slots, lora)
         return x + self.mlp(self.post_attention_layernorm(x))

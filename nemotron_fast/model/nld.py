@@ -21,10 +21,11 @@ from torch import nn
 from ..config import NLDConfig, load_config
 from .cache import KVCache
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .lora import DraftLoRA, load_draft_lora
 from .vision import MultiModalProjector, PixtralVisionTower
 from .weights import load_state_dict_strict
 
-__all__ = ["NLDModel", "load"]
+__all__ = ["NLDModel", "load", "load_model_lora"]
 
 Mode = Literal["causal", "diffusion"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,8 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.text)
         self.checkpoint_path: str | None = None
+        #: The linear_spec draft adapter (``linear_spec_lora/``), fp32 on the model's device, or None.
+        self.draft_lora: DraftLoRA | None = None
 
     @property
     def device(self) -> torch.device:
@@ -102,21 +105,38 @@ class NLDModel(nn.Module):
     # ---- forwards ------------------------------------------------------------------------------------------
     def forward_hidden(self, embeds: torch.Tensor, *, cache: KVCache | None = None, start: int = 0,
                        mode: Mode = "causal", attn_mask: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, row_start: list[int] | None = None,
+                       lora: bool = False) -> torch.Tensor:
         """Run the backbone; returns the final-normed hidden states [B, T, hidden].
 
         With ``cache``: the T tokens occupy slots ``[start, start + T)``; masks and positions follow from the
-        cache's per-row padding and ``mode``. Without a cache (training): ``attn_mask`` bool [B, 1, T, T]
-        (True = attend; None = causal) and ``positions`` int64 [B, T] (default ``arange(T)``).
+        cache's per-row padding and ``mode``. ``row_start`` (one int per row) instead puts row ``b``'s tokens at
+        ``[row_start[b], row_start[b] + T)``: rows whose cached lengths differ (linear_spec after ragged
+        acceptances); each row sees only its own valid slots. Without a cache (training): ``attn_mask`` bool
+        [B, 1, T, T] (True = attend; None = causal) and ``positions`` int64 [B, T] (default ``arange(T)``).
+        ``lora`` switches on the draft adapter (:attr:`draft_lora`) for this forward.
         """
         b, t, _ = embeds.shape
         dev = embeds.device
-        if cache is not None:
+        slots = None
+        if lora and self.draft_lora is None:
+            raise ValueError("lora=True but this model has no draft adapter (draft_lora is None)")
+        if cache is not None and row_start is not None:
+            if len(row_start) != b:
+                raise ValueError(f"row_start needs one start per row ({b}), got {len(row_start)}")
+            start = max(row_start) + t
+            if start > cache.max_len:
+                raise ValueError(f"cache overflow: slots up to {start} exceed max_len {cache.max_len}")
+            first = torch.tensor(row_start, dtype=torch.long, device=dev)
+            slots = first[:, None] + torch.arange(t, device=dev)
+            positions = (slots - cache.pad[:, None]).clamp(min=0)
+            attn_mask = self._rows_mask(cache, first, slots, start, mode)
+        elif cache is not None:
             if start + t > cache.max_len:
                 raise ValueError(f"cache overflow: slots {start}..{start + t} exceed max_len {cache.max_len}")
-            slots = start + torch.arange(t, device=dev)
+            new_slots = start + torch.arange(t, device=dev)
             # padded slots get position 0 (negative positions would hit log(0) in the Llama-4 query scale)
-            positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)
+            positions = (new_slots[None, :] - cache.pad[:, None]).clamp(min=0)
             attn_mask = self._cache_mask(cache, start, t, mode)
         else:
             if positions is None:
@@ -125,9 +145,25 @@ class NLDModel(nn.Module):
                 attn_mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None, None]
         rope = self.rotary(positions, embeds.dtype)
         x = embeds
+        adapter = self.draft_lora if lora else None
         for i, layer in enumerate(self.encoder.layers):
-            x = layer(x, rope, attn_mask, cache.layer(i) if cache is not None else None, start)
+            delta = None
+            if adapter is not None:
+                delta = {p: ab for p in adapter.projections if (ab := adapter.layer(i, p)) is not None} or None
+            x = layer(x, rope, attn_mask, cache.layer(i) if cache is not None else None, start, slots, delta)
         return self.encoder.norm(x)
+
+    @staticmethod
+    def _rows_mask(cache: KVCache, first: torch.Tensor, slots: torch.Tensor, span: int, mode: Mode) -> torch.Tensor:
+        """bool [B, 1, T, span] for per-row slots: a key is valid for row b when it is past the row's padding and
+        before the row's new tokens end (diffusion) or at most the query's own slot (causal). Stale slots of
+        rows that are shorter than the longest fall outside both bounds."""
+        keys = torch.arange(span, device=slots.device)
+        valid = keys[None, :] >= cache.pad[:, None]  # [B, S]
+        if mode == "causal":
+            return (valid[:, None, :] & (keys[None, None, :] <= slots[:, :, None]))[:, None]
+        end = first + slots.shape[1]
+        return (valid & (keys[None, :] < end[:, None]))[:, None, None, :].expand(-1, 1, slots.shape[1], -1)
 
     @staticmethod
     def _cache_mask(cache: KVCache, start: int, t: int, mode: Mode) -> torch.Tensor | None:
@@ -191,4 +227,16 @@ def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     load_state_dict_strict(model, path, device=device, dtype=dt)
     model.reset_buffers(device)
     model.checkpoint_path = str(Path(path).resolve())
+    model.draft_lora = load_model_lora(model, path)
     return model.eval().requires_grad_(False)
+
+
+def load_model_lora(model: NLDModel, path: str | Path) -> DraftLoRA | None:
+    """The checkpoint's ``linear_spec_lora/`` adapter for ``model`` (shapes checked), on its device, or None."""
+    t = model.config.text
+    q = t.num_attention_heads * t.head_dim
+    kv = t.num_key_value_heads * t.head_dim
+    sizes = {"q_proj": (q, t.hidden_size), "k_proj": (kv, t.hidden_size), "v_proj": (kv, t.hidden_size),
+             "o_proj": (t.hidden_size, q)}
+    lora = load_draft_lora(path, t.num_hidden_layers, sizes)
+    return None if lora is None else lora.to(model.device)

@@ -2,9 +2,10 @@
 
 Mapping: the single ``image_url`` content part of the user messages becomes ``image_url``; the text of the last
 user message (after any system/developer text) becomes ``prompt``; ``max_completion_tokens`` or ``max_tokens``
-becomes ``max_tokens``; ``block_length``, ``threshold`` and ``num_inference_steps`` may be passed as extra body
-fields. Decoding is greedy, so ``temperature`` is accepted and ignored. Conversation history (assistant turns)
-is not fed to the model: the endpoint answers one question about one image.
+becomes ``max_tokens``; ``block_length``, ``threshold``, ``num_inference_steps`` and ``mode`` (``"diffusion"``,
+``"ar"``, ``"linear_spec"``) may be passed as extra body fields. Decoding is greedy, so ``temperature`` is
+accepted and ignored. Conversation history (assistant turns) is not fed to the model: the endpoint answers one
+question about one image.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def chat_to_inputs(body: ChatCompletionRequest) -> dict[str, Any]:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None:
         inputs["max_tokens"] = max_tokens
-    for name in ("block_length", "threshold", "num_inference_steps"):
+    for name in ("block_length", "threshold", "num_inference_steps", "mode"):
         value = getattr(body, name)
         if value is not None:
             inputs[name] = value

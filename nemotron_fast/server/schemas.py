@@ -69,6 +69,8 @@ class NemotronInput(BaseModel):
     block_length: int = Field(32, ge=1, description="Tokens per diffusion block.")
     threshold: float = Field(0.9, ge=0.0, le=1.0, allow_inf_nan=False,
                              description="Confidence threshold for parallel reveals.")
+    # opt-in, beyond the hosted endpoint's schema (hidden from it): the decoding mode of the same weights
+    mode: SkipJsonSchema[Literal["diffusion", "ar", "linear_spec"] | None] = None
 
     @field_validator("image_url")
     @classmethod
@@ -208,3 +210,6 @@ class ChatCompletionRequest(BaseModel):
     block_length: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     num_inference_steps: int | None = Field(None, ge=1)
+    # opt-in decoding mode of the same weights (default diffusion, the endpoint's); accepted in the body but kept
+    # out of the published schema, like the fal input's
+    mode: SkipJsonSchema[Literal["diffusion", "ar", "linear_spec"] | None] = None

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["write_tiny_checkpoint", "tiny_config_dict", "write_config_files"]
+__all__ = ["write_tiny_checkpoint", "tiny_config_dict", "write_config_files", "write_draft_lora"]
 
 _TEXT_DEFAULTS: dict[str, Any] = dict(
     hidden_size=64,
@@ -206,6 +206,8 @@ def write_tiny_checkpoint(
     vocab: Literal["small", "tekken"] = "small",
     shards: int = 1,
     head_scale: float = 1.0,
+    draft_lora_rank: int = 0,
+    draft_lora_std: float = 0.1,
     **size_overrides: Any,
 ) -> Path:
     """Write a tiny NLD (VLM when ``vlm``) checkpoint with random weights to ``path`` and return the path.
@@ -213,7 +215,9 @@ def write_tiny_checkpoint(
     ``dtype`` is the stored weight dtype (also written as ``config.json``'s ``dtype``). ``vocab="tekken"`` uses
     the real 131072-token Tekken tokenizer shipped in ``mistral-common``. ``head_scale`` multiplies the
     diffusion head's init (larger = peakier, more confident predictions). ``shards > 1`` writes a sharded
-    checkpoint with an index. ``size_overrides`` are passed to :func:`tiny_config_dict`.
+    checkpoint with an index. ``draft_lora_rank > 0`` also writes a random linear_spec draft adapter of that rank
+    in ``linear_spec_lora/`` (see :func:`write_draft_lora`). ``size_overrides`` are passed to
+    :func:`tiny_config_dict`.
     """
     from .tokenizer_files import write_tokenizer_files
 
@@ -227,4 +231,42 @@ def write_tiny_checkpoint(
     cfg = write_config_files(out, token_ids, vlm=vlm, dtype=str(dtype).removeprefix("torch."), **size_overrides)
     gen = torch.Generator().manual_seed(seed)
     _save_weights(_init_weights(cfg, gen, head_scale), out, dtype, shards)
+    if draft_lora_rank:
+        write_draft_lora(out, cfg, rank=draft_lora_rank, seed=seed + 7919, std=draft_lora_std, dtype=dtype)
     return out
+
+
+def write_draft_lora(out: str | Path, cfg: dict[str, Any], *, rank: int, seed: int = 0, std: float = 0.1,
+                     alpha: float | None = None, target_modules: tuple[str, ...] = ("o_proj",),
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random draft adapter in PEFT's saved layout to ``out/linear_spec_lora/``: ``adapter_config.json``
+    (the fields PEFT writes; ``lora_alpha`` defaults to ``4 * rank``, upstream's alpha/r = 512/128) and
+    ``adapter_model.safetensors`` with keys ``base_model.model.encoder.layers.<i>.self_attn.<proj>.lora_A.weight``
+    ``[r, in]`` and ``...lora_B.weight`` ``[out, r]`` (PEFT drops the adapter name when saving). Both factors are
+    random (PEFT initialises B to zero; a trained adapter has neither zero). ``cfg`` is the config dict."""
+    from safetensors.torch import save_file
+
+    folder = Path(out) / "linear_spec_lora"
+    folder.mkdir(parents=True, exist_ok=True)
+    alpha = 4.0 * rank if alpha is None else alpha
+    h, hd = cfg["hidden_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    sizes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for proj in target_modules:
+            o, n = sizes[proj]
+            key = f"base_model.model.encoder.layers.{i}.self_attn.{proj}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, n, generator=gen) * std).to(dtype).contiguous()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(o, rank, generator=gen) * std).to(dtype).contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": str(Path(out).name),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "modules_to_save": None, "peft_type": "LORA", "r": rank, "rank_pattern": {}, "revision": None,
+        "target_modules": list(target_modules), "task_type": None, "use_dora": False, "use_rslora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder
