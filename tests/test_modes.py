@@ -124,26 +124,27 @@ def test_case_matrices_cover_the_acceptance_points() -> None:
         assert {"text", "vlm", "lora", "tekken", "demo"} <= {c.kind for c in cases}
 
 
-@pytest.mark.parametrize("case", AR_CASES, ids=str)
-def test_ar_fp32_exact_parity(models, case: Case) -> None:
+def _parity(models, case: Case, mode: str):
+    """Run ``case`` in ``mode`` through the reference and the fast path; assert the discrete outputs agree."""
     model = models(case.kind)
     ids, pix, sizes = _inputs(model, case)
-    eos = _eos_for(model, case, "ar", ids, pix, sizes)
-    ref = _run(reference.generate, model, case, "ar", ids, pix, sizes, eos_token_id=eos)
-    fast = _run(nemotron_fast.generate, model, case, "ar", ids, pix, sizes, eos_token_id=eos)
+    eos = _eos_for(model, case, mode, ids, pix, sizes)
+    ref = _run(reference.generate, model, case, mode, ids, pix, sizes, eos_token_id=eos)
+    fast = _run(nemotron_fast.generate, model, case, mode, ids, pix, sizes, eos_token_id=eos)
     assert (fast.completion_ids, fast.nfe, fast.row_nfe) == (ref.completion_ids, ref.nfe, ref.row_nfe)
+    return ref, fast, eos
+
+
+@pytest.mark.parametrize("case", AR_CASES, ids=str)
+def test_ar_fp32_exact_parity(models, case: Case) -> None:
+    ref, _, _ = _parity(models, case, "ar")
     # upstream's NFE convention: one per generated token
     assert ref.nfe == len(ref.completion_ids[0]) <= case.max_tokens
 
 
 @pytest.mark.parametrize("case", SPEC_CASES, ids=str)
 def test_linear_spec_fp32_exact_parity(models, case: Case) -> None:
-    model = models(case.kind)
-    ids, pix, sizes = _inputs(model, case)
-    eos = _eos_for(model, case, "linear_spec", ids, pix, sizes)
-    ref = _run(reference.generate, model, case, "linear_spec", ids, pix, sizes, eos_token_id=eos)
-    fast = _run(nemotron_fast.generate, model, case, "linear_spec", ids, pix, sizes, eos_token_id=eos)
-    assert (fast.completion_ids, fast.nfe, fast.row_nfe) == (ref.completion_ids, ref.nfe, ref.row_nfe)
+    ref, fast, eos = _parity(models, case, "linear_spec")
     assert fast.spec_trace == ref.spec_trace
     _check_spec_invariants(fast, case, eos)
 
