@@ -528,25 +528,26 @@ def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
 
 
 def read_added_tokens(root: str | Path) -> dict[str, int] | None:
-    """Token string -> id of every added token in the tokenizer files of checkpoint directory ``root``
-    (``tokenizer.json``'s ``added_tokens`` and ``tokenizer_config.json``'s ``added_tokens_decoder``; the latter
-    wins). None when the directory has neither file."""
+    """Token string -> id of the added tokens in the tokenizer files of checkpoint directory ``root``:
+    ``tokenizer_config.json``'s ``added_tokens_decoder`` (as transformers saves it) and ``tokenizer.json``'s
+    ``added_tokens``, the former winning. ``tokenizer.json`` (17 MB for the 131k vocabulary) is parsed only when
+    the decoder lacks one of the marker / chat tokens. None when the directory has neither file."""
     root = Path(root)
-    found: dict[str, int] = {}
-    seen = False
-    tj = _read_json(root / "tokenizer.json", False)
-    if tj is not None:
-        seen = True
-        for t in tj.get("added_tokens") or []:
-            if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
-                found[t["content"]] = t["id"]
+    from_config: dict[str, int] = {}
     tc = _read_json(root / "tokenizer_config.json", False)
-    if tc is not None:
-        seen = True
-        for i, t in (tc.get("added_tokens_decoder") or {}).items():
-            if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
-                found[t["content"]] = int(i)
-    return found if seen else None
+    for i, t in ((tc or {}).get("added_tokens_decoder") or {}).items():
+        if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
+            from_config[t["content"]] = int(i)
+    if all(text in from_config for text, _ in _TOKEN_NAMES.values()):
+        return from_config
+    tj = _read_json(root / "tokenizer.json", False)
+    if tc is None and tj is None:
+        return None
+    found: dict[str, int] = {}
+    for t in (tj or {}).get("added_tokens") or []:
+        if isinstance(t, dict) and isinstance(t.get("content"), str) and isinstance(t.get("id"), int):
+            found[t["content"]] = t["id"]
+    return {**found, **from_config}
 
 
 def load_config(path: str | Path) -> NLDConfig:

@@ -554,11 +554,22 @@ def test_missing_marker_token_is_a_config_error_naming_it(vlm_dir: Path, tmp_pat
 
     for f in vlm_dir.iterdir():
         shutil.copyfile(f, tmp_path / f.name)
-    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    # the 131k tokenizer.json is not parsed when tokenizer_config.json's added_tokens_decoder names every token
+    tj_text = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    assert load_config(tmp_path).image_pad_token_id == 19
+    tj = json.loads(tj_text)
     for t in tj["added_tokens"]:
         if t["content"] == "<|image_pad|>":
             t["content"] = "<|renamed|>"
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tc["added_tokens_decoder"]["19"]["content"] = "<|renamed|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(ConfigError, match=r"<\|image_pad\|>"):
+        load_config(tmp_path)
+    del tc["added_tokens_decoder"]  # without the decoder, tokenizer.json is read (and lacks it too)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
     with pytest.raises(ConfigError, match=r"<\|image_pad\|>"):
         load_config(tmp_path)
     # a config field wins over the tokenizer

@@ -253,10 +253,18 @@ def _cached_tekken_json(vlm: bool) -> Path:
     return target
 
 
-def write_tokenizer_config(out: Path, specials: dict[str, str]) -> None:
-    """Write ``tokenizer_config.json`` (fast tokenizer, the ChatML template, no automatic BOS/EOS) and
-    ``special_tokens_map.json`` beside a ``tokenizer.json``."""
+def write_tokenizer_config(out: Path, specials: dict[str, str]) -> int:
+    """Write ``tokenizer_config.json`` (fast tokenizer, the ChatML template, no automatic BOS/EOS, and the
+    ``added_tokens_decoder`` of the ``tokenizer.json`` already in ``out``, as transformers saves it) and
+    ``special_tokens_map.json``; returns the tokenizer's size (added tokens included)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    added = tok.get_added_tokens_decoder()
     tok_config: dict[str, Any] = {
+        "added_tokens_decoder": {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                                          "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+                                 for i, t in sorted(added.items())},
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "add_bos_token": False,
@@ -267,6 +275,7 @@ def write_tokenizer_config(out: Path, specials: dict[str, str]) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def nld_special_roles(names: list[str]) -> tuple[dict[str, str], dict[str, int]]:
@@ -295,11 +304,4 @@ def write_tokenizer_files(path: str | Path, *, vocab: Literal["small", "tekken"]
     else:
         raise ValueError(f"vocab must be 'small' or 'tekken', got {vocab!r}")
     specials, ids = nld_special_roles(special_token_names())
-    write_tokenizer_config(out, specials)
-    return {"vocab_size": _tokenizer_size(out / "tokenizer.json"), **ids}
-
-
-def _tokenizer_size(path: Path) -> int:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    return {"vocab_size": write_tokenizer_config(out, specials), **ids}
