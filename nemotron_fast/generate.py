@@ -210,35 +210,20 @@ def generate(
                                     temperature=temperature, eos_token_id=eos_token_id, seed=seed, policy=policy,
                                     callback=callback, draft_lora=draft_lora)
     sched = resolve_schedule(max_new_tokens, block_length, steps)
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    cfg = model.config
-    mask_id, length = cfg.mask_token_id, block_length
-    eos_ids = cfg.eos_token_ids if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    exclude_id = mask_id if policy.exclude_mask else None
-    noise = NoiseSource(seed) if temperature > 0 else None
-    timings = dict.fromkeys(("vision", "prefill", "denoise", "select", "commit"), 0.0)
-
-    t0 = time.perf_counter()
-    ids, pad = _pad_prompts(model, input_ids)
+    inp = _prepare(model, input_ids, pixel_values, image_sizes, threshold=threshold, temperature=temperature,
+                   eos_token_id=eos_token_id, seed=seed, policy=policy)
+    ids, pad, feats, eos, exclude_id, noise = inp.ids, inp.pad, inp.feats, inp.eos, inp.exclude_id, inp.noise
+    mask_id, length = model.config.mask_token_id, block_length
     b = ids.shape[0]
-    feats = None
-    if pixel_values is not None:
-        if image_sizes is None:
-            raise ValueError("pixel_values need image_sizes")
-        feats = model.image_features(pixel_values.to(model.device), image_sizes)
+    timings = dict.fromkeys(("vision", "prefill", "denoise", "select", "commit"), 0.0)
     t1 = time.perf_counter()
     cache, last = prefill(model, ids, pad, sched.gen_length, feats)
     dev = ids.device
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
     st = _State(cache, torch.full((b, sched.gen_length), mask_id, dtype=torch.long, device=dev), ids.shape[1],
                 torch.ones(b, dtype=torch.bool, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
     seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
     t2 = time.perf_counter()
-    timings["vision"], timings["prefill"] = t1 - t0, t2 - t1
+    timings["vision"], timings["prefill"] = inp.vision_time, t2 - t1
     gpu_style = dev.type == "cuda" or _GPU_STYLE_ON_CPU
     o = _Opts(mask_id, threshold, sched.steps_per_block, temperature, noise, exclude_id, policy, eos,
               # on CUDA: fixed-shape steps (all L rows through the head) and no host sync inside a block;
@@ -280,6 +265,42 @@ def generate(
     return GenerationResult(completions, len(trace) + commits, trace, st.row_nfe.tolist(), timings)
 
 
+@dataclass
+class _Inputs:
+    """Validated, device-ready inputs shared by every decoding mode."""
+
+    ids: torch.Tensor
+    pad: torch.Tensor
+    feats: torch.Tensor | None
+    eos: torch.Tensor
+    exclude_id: int | None
+    noise: NoiseSource | None
+    vision_time: float
+
+
+def _prepare(model: NLDModel, input_ids: torch.Tensor | Sequence, pixel_values: torch.Tensor | None,
+             image_sizes: torch.Tensor | None, *, threshold: float | None, temperature: float,
+             eos_token_id: int | Sequence[int] | None, seed: int | None, policy: SamplingPolicy) -> _Inputs:
+    """Check the sampling numbers, left-pad the prompts and run the vision tower once."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    cfg = model.config
+    eos_ids = cfg.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    t0 = time.perf_counter()
+    ids, pad = _pad_prompts(model, input_ids)
+    feats = None
+    if pixel_values is not None:
+        if image_sizes is None:
+            raise ValueError("pixel_values need image_sizes")
+        feats = model.image_features(pixel_values.to(model.device), image_sizes)
+    return _Inputs(ids, pad, feats, torch.tensor(eos_ids, dtype=torch.long, device=ids.device),
+                   cfg.mask_token_id if policy.exclude_mask else None,
+                   NoiseSource(seed) if temperature > 0 else None, time.perf_counter() - t0)
+
+
 def _generate_other_mode(model: NLDModel, input_ids: torch.Tensor | Sequence, pixel_values: torch.Tensor | None,
                          image_sizes: torch.Tensor | None, *, mode: str, max_new_tokens: int, block_length: int,
                          threshold: float | None, temperature: float, eos_token_id: int | Sequence[int] | None,
@@ -289,35 +310,17 @@ def _generate_other_mode(model: NLDModel, input_ids: torch.Tensor | Sequence, pi
     from .decode import generate_ar, generate_linear_spec
 
     resolve_schedule(max_new_tokens, block_length, None)  # validates both numbers
-    thr = 0.0 if threshold is None else float(threshold)
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] or None, got {threshold}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    cfg = model.config
-    eos_ids = cfg.eos_token_ids if eos_token_id is None else (
-        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
-    exclude_id = cfg.mask_token_id if policy.exclude_mask else None
-    noise = NoiseSource(seed) if temperature > 0 else None
-    t0 = time.perf_counter()
-    ids, pad = _pad_prompts(model, input_ids)
-    feats = None
-    if pixel_values is not None:
-        if image_sizes is None:
-            raise ValueError("pixel_values need image_sizes")
-        feats = model.image_features(pixel_values.to(model.device), image_sizes)
-    vision = time.perf_counter() - t0
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=ids.device)
+    inp = _prepare(model, input_ids, pixel_values, image_sizes, threshold=threshold, temperature=temperature,
+                   eos_token_id=eos_token_id, seed=seed, policy=policy)
+    common = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos=inp.eos, noise=inp.noise,
+                  exclude_id=inp.exclude_id, policy=policy, callback=callback)
     if mode == "ar":
-        result = generate_ar(model, ids, pad, feats, max_new_tokens=max_new_tokens, temperature=temperature,
-                             eos=eos, noise=noise, exclude_id=exclude_id, policy=policy, callback=callback,
-                             callback_every=block_length)
+        result = generate_ar(model, inp.ids, inp.pad, inp.feats, callback_every=block_length, **common)
     else:
-        result = generate_linear_spec(model, ids, pad, feats, max_new_tokens=max_new_tokens,
-                                      block_length=block_length, threshold=thr, temperature=temperature, eos=eos,
-                                      noise=noise, exclude_id=exclude_id, policy=policy, use_lora=draft_lora,
-                                      callback=callback)
-    result.timings["vision"] = vision
+        result = generate_linear_spec(model, inp.ids, inp.pad, inp.feats, block_length=block_length,
+                                      threshold=0.0 if threshold is None else float(threshold),
+                                      use_lora=draft_lora, **common)
+    result.timings["vision"] = inp.vision_time
     return result
 
 
