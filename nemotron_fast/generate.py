@@ -32,7 +32,16 @@ import torch
 from .kernels.head_confidence import head_confidence_argmax
 from .kernels.unmask import select_unmask
 from .model import KVCache, NLDModel
-from .sampling import GenerationResult, NoiseSource, SamplingPolicy, check_mode, gumbel_argmax, resolve_schedule
+from .sampling import (
+    GenerationResult,
+    NoiseSource,
+    SamplingPolicy,
+    StepCallback,
+    StepEvent,
+    check_mode,
+    gumbel_argmax,
+    resolve_schedule,
+)
 
 __all__ = ["generate", "prefill", "denoise_step", "select", "commit", "BlockCallback"]
 
@@ -176,6 +185,7 @@ def generate(
     use_cuda_graphs: bool = True,
     mode: str = "diffusion",
     draft_lora: bool = True,
+    on_step: StepCallback | None = None,
 ) -> GenerationResult:
     """Generation with the fast path in one of the three decoding modes; the result equals the reference's
     (:func:`nemotron_fast.reference.generate` with the same ``mode``) for the same call.
@@ -200,11 +210,16 @@ def generate(
         policy: opt-in departures from the reference (default: none).
         callback: called after each commit; returning False stops generation after that block.
         use_cuda_graphs: on CUDA at T = 0, capture each block's denoise forward once and replay it.
+        on_step: diffusion only: called with a :class:`~nemotron_fast.sampling.StepEvent` after every denoise
+            step and commit (what was revealed, its tokens and confidence). Off by default; it reads the step's
+            results on the host, so it costs a device sync per step.
     Returns:
         :class:`GenerationResult` with completion ids per row, NFE and the reveal trace.
     """
     policy = policy or SamplingPolicy()
     if check_mode(mode) != "diffusion":
+        if on_step is not None:
+            raise ValueError(f"on_step reports block-diffusion steps; mode {mode!r} has none")
         return _generate_other_mode(model, input_ids, pixel_values, image_sizes, mode=mode,
                                     max_new_tokens=max_new_tokens, block_length=block_length, threshold=threshold,
                                     temperature=temperature, eos_token_id=eos_token_id, seed=seed, policy=policy,
@@ -228,8 +243,8 @@ def generate(
     o = _Opts(mask_id, threshold, sched.steps_per_block, temperature, noise, exclude_id, policy, eos,
               # on CUDA: fixed-shape steps (all L rows through the head) and no host sync inside a block;
               # the speculative extra step that the lag allows would draw noise the reference never draws
-              all_rows=gpu_style, lag=gpu_style and temperature == 0,
-              graphs=dev.type == "cuda" and temperature == 0 and use_cuda_graphs)
+              all_rows=gpu_style, lag=gpu_style and temperature == 0 and on_step is None,
+              graphs=dev.type == "cuda" and temperature == 0 and use_cuda_graphs, on_step=on_step)
     slots = sched.num_blocks * sched.steps_per_block
     rev_buf = torch.zeros(slots, b, length, dtype=torch.bool, device=dev)
     stepped_buf = torch.zeros(slots, b, dtype=torch.bool, device=dev)
@@ -240,7 +255,7 @@ def generate(
         block = st.x[:, blk * length:(blk + 1) * length]
         block[:, 0] = torch.where(st.active, seed_tok, block[:, 0])
         used = _denoise_block(model, st, block, start, o, rev_buf[len(slot_block):], stepped_buf[len(slot_block):],
-                              timings)
+                              timings, (blk, len(slot_block) + commits))
         slot_block += [blk] * used
         tc = time.perf_counter()
         last = commit(model, st, block, start)
@@ -248,6 +263,9 @@ def generate(
         st.row_nfe += st.active.long()
         seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
         timings["commit"] += time.perf_counter() - tc
+        if on_step is not None:
+            on_step(StepEvent("commit", blk, used, len(slot_block) + commits, [[] for _ in range(b)],
+                              block.tolist(), [[] for _ in range(b)]))
         has_eos = torch.isin(st.x[:, :(blk + 1) * length], eos).any(1)
         if policy.per_row_eos:
             st.active &= ~has_eos
@@ -339,17 +357,18 @@ class _Opts:
     all_rows: bool = False
     lag: bool = False
     graphs: bool = False
+    on_step: StepCallback | None = None
 
 
 def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int, o: _Opts, rev_buf: torch.Tensor,
-                   stepped_buf: torch.Tensor, timings: dict[str, float]) -> int:
+                   stepped_buf: torch.Tensor, timings: dict[str, float], where: tuple[int, int] = (0, 0)) -> int:
     """Up to ``spb`` denoise steps on ``block`` (in place). Returns the step slots used.
 
     Each step records its reveals in ``rev_buf[s]`` [B, L] and the rows that really stepped in
     ``stepped_buf[s]`` [B], on the device. With ``o.lag`` the host reads the "still stepping" flag one step
     late through a non-blocking copy, so nothing inside the block waits for the device; the one speculative
     step this may run after the block finished has no row stepping, changes nothing, and is dropped from the
-    trace and the NFE.
+    trace and the NFE. ``where`` is (block index, forwards before this block), for ``o.on_step``'s events.
     """
     mask_id, policy = o.mask_id, o.policy
     stepping = st.active.clone()
@@ -375,6 +394,8 @@ def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int,
                                policy.finish_last_step and step == o.spb - 1)
         stepped_buf[step] = stepping
         st.row_nfe += stepping.long()
+        if o.on_step is not None:
+            _emit_step(o.on_step, where[0], step, where[1] + step + 1, rev_buf[step], stepping, block, conf)
         done = _eos_done(block, mask_id, o.eos) & stepping
         stepping = stepping & ~done if policy.per_row_eos else stepping & ~done.any()
         used = step + 1
@@ -395,6 +416,16 @@ def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int,
         event.record()
         pending = (flag, event)
     return used
+
+
+def _emit_step(on_step: StepCallback, blk: int, step: int, forwards: int, revealed: torch.Tensor,
+               stepping: torch.Tensor, block: torch.Tensor, conf: torch.Tensor) -> None:
+    """Read one denoise step's reveals to the host and hand them to ``on_step``."""
+    rev = (revealed & stepping[:, None]).tolist()
+    toks, cf = block.tolist(), conf.float().tolist()
+    pos = [[i for i, r in enumerate(row) if r] for row in rev]
+    on_step(StepEvent("denoise", blk, step, forwards, pos, [[toks[b][i] for i in p] for b, p in enumerate(pos)],
+                      [[cf[b][i] for i in p] for b, p in enumerate(pos)]))
 
 
 class _DoneEvent:

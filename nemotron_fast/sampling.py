@@ -5,6 +5,7 @@ and the injected randomness. Keeping these in one module is what makes "same tok
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ __all__ = [
     "SamplingPolicy",
     "GenerationResult",
     "SpecStep",
+    "StepEvent",
+    "StepCallback",
     "Schedule",
     "resolve_schedule",
     "even_schedule",
@@ -73,6 +76,31 @@ class SpecStep:
     verify: tuple[int, ...]
     accepted: int
     draft_nfe: int
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One forward of the diffusion loop, for an opt-in live view (``generate(..., on_step=...)``).
+
+    ``kind`` is ``"denoise"`` (a denoise step: ``revealed[b]`` are the block offsets row ``b`` revealed, with
+    their ``tokens[b]`` and ``confidence[b]``; rows that did not step have empty lists) or ``"commit"`` (the
+    block's causal forward: ``tokens[b]`` is the whole finished block of row ``b``, ``revealed`` and
+    ``confidence`` are empty). ``block`` is the block index, ``step`` the denoise step within it (for a commit,
+    the number of denoise steps the block took) and ``forwards`` the forward passes so far, prefill excluded
+    (the running NFE).
+    """
+
+    kind: str
+    block: int
+    step: int
+    forwards: int
+    revealed: list[list[int]]
+    tokens: list[list[int]]
+    confidence: list[list[float]]
+
+
+#: Called with each :class:`StepEvent`; it runs on the sampler's thread and should return quickly.
+StepCallback = Callable[[StepEvent], None]
 
 
 @dataclass

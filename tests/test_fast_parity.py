@@ -203,3 +203,40 @@ def test_cuda_graphs_match_the_reference(ckpt_factory, case: Case) -> None:
     eager = _call(nemotron_fast.generate, model, case, ids, pix, sizes, use_cuda_graphs=False)
     assert (fast.completion_ids, fast.nfe, fast.trace) == (ref.completion_ids, ref.nfe, ref.trace)
     assert (eager.completion_ids, eager.nfe) == (ref.completion_ids, ref.nfe)
+
+
+@pytest.mark.parametrize("gpu_style", [False, True])
+def test_step_events_replay_the_trace_and_the_blocks(models, gpu_style: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``on_step`` reports every denoise step (its reveals equal the trace, its tokens the final tokens) and
+    every commit (the finished block); the result is the same as without it."""
+    gen = importlib.import_module("nemotron_fast.generate")
+    monkeypatch.setattr(gen, "_GPU_STYLE_ON_CPU", gpu_style)
+    model = models(False, "small")
+    prompts = [text_prompt(model.config, s, n)[0] for s, n in ((1, 9), (2, 16))]
+    kw = dict(max_new_tokens=30, steps=3 * 6, block_length=12, threshold=0.5)
+    events = []
+    plain = nemotron_fast.generate(model, prompts, **kw)
+    seen = nemotron_fast.generate(model, prompts, on_step=events.append, **kw)
+    assert (seen.completion_ids, seen.nfe, seen.trace) == (plain.completion_ids, plain.nfe, plain.trace)
+    steps = [e for e in events if e.kind == "denoise"]
+    commits = [e for e in events if e.kind == "commit"]
+    assert [[[e.block * 12 + i for i in row] for row in e.revealed] for e in steps] == plain.trace
+    assert [e.forwards for e in events] == list(range(1, plain.nfe + 1))
+    for e in steps:
+        for r, (pos, toks, conf) in enumerate(zip(e.revealed, e.tokens, e.confidence)):
+            n = len(seen.completion_ids[r])
+            assert [t for i, t in zip(pos, toks) if e.block * 12 + i < n] == [
+                seen.completion_ids[r][e.block * 12 + i] for i in pos if e.block * 12 + i < n]
+            assert len(conf) == len(pos) and all(0.0 <= c <= 1.0 for c in conf)
+    assert [e.block for e in commits] == list(range(len(commits)))
+    for e in commits:
+        for r, toks in enumerate(e.tokens):
+            got = seen.completion_ids[r][e.block * 12:(e.block + 1) * 12]
+            assert len(toks) == 12 and toks[:len(got)] == got
+
+
+def test_step_events_are_refused_outside_diffusion(models) -> None:
+    model = models(False, "small")
+    with pytest.raises(ValueError, match="on_step"):
+        nemotron_fast.generate(model, text_prompt(model.config, 1, 5), max_new_tokens=4, mode="ar",
+                               on_step=lambda e: None)
