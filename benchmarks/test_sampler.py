@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nemotron_fast import reference
-from nemotron_fast.generate import _pad_prompts, _State, commit, denoise_step, prefill
+from nemotron_fast.generate import _pad_prompts, commit, denoise_step, prefill
 from nemotron_fast.sampling import SamplingPolicy
 
 from .measure import fast_generate
@@ -18,16 +18,15 @@ from .measure import fast_generate
 L = 32
 
 
-def _fast_state(loaded: Any) -> tuple[Any, _State, torch.Tensor]:
-    """Prefilled fast-path state and the first block ([1, L]: seed + masks)."""
+def _fast_state(loaded: Any) -> tuple[Any, Any, torch.Tensor, int]:
+    """Prefilled fast-path cache, the first block ([1, L]: seed + masks) and its cache slot."""
     model = loaded.model
     ids, pad = _pad_prompts(model, loaded.ids)
     feats = model.image_features(loaded.pixel_values, loaded.image_sizes)
     cache, last = prefill(model, ids, pad, L, feats)
     x = torch.full((1, L), model.config.mask_token_id, dtype=torch.long)
-    st = _State(cache, x, ids.shape[1], torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
     x[:, 0] = last.argmax(-1)
-    return model, st, x
+    return model, cache, x, ids.shape[1]
 
 
 def _ref_state(loaded: Any) -> tuple[Any, Any, torch.Tensor, int]:
@@ -46,9 +45,8 @@ def test_denoise_step(benchmark, impl: str, tekken_vlm: Any) -> None:
     """One diffusion forward of a fully masked block + proposal (head, confidence, argmax)."""
     benchmark.group = "denoise step (tekken-h64, block 32)"
     if impl == "fast":
-        model, st, block = _fast_state(tekken_vlm)
-        x0, _ = benchmark(denoise_step, model, st, block, st.prefix_len, temperature=0.0, noise=None,
-                          exclude_id=None)
+        model, cache, block, start = _fast_state(tekken_vlm)
+        x0, _ = benchmark(denoise_step, model, cache, block, start, temperature=0.0, noise=None, exclude_id=None)
     else:
         twin, cache, block, _ = _ref_state(tekken_vlm)
         mask_id = twin.config.mask_token_id
@@ -62,10 +60,9 @@ def test_commit(benchmark, impl: str, tekken_vlm: Any) -> None:
     """The causal forward over a finished block that writes its K/V, plus the next seed."""
     benchmark.group = "commit (tekken-h64, block 32)"
     if impl == "fast":
-        model, st, block = _fast_state(tekken_vlm)
+        model, cache, block, start = _fast_state(tekken_vlm)
         block[:, 1:] = 1000
-        start = st.prefix_len
-        seed = benchmark(lambda: commit(model, st, block, start).argmax(-1))
+        seed = benchmark(lambda: commit(model, cache, block, start).argmax(-1))
     else:
         twin, cache, block, past = _ref_state(tekken_vlm)
         block[:, 1:] = 1000

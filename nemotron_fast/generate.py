@@ -5,10 +5,12 @@ The loop is a handful of named functions over preallocated state (gpt-fast style
 - :func:`prefill` - vision tower + one causal forward over the prompt into a preallocated KV cache; only the
   last position goes through the head (it gives the first AR seed).
 - :func:`denoise_step` - the block attends to the cache in diffusion mode; its K/V land in the scratch slots
-  after the prefix (no concatenation), and the head runs only where the block is still masked (CPU) or on the
-  fixed-shape block (CUDA). On CUDA the head is fused with the confidence/argmax reduction in one Triton kernel,
-  so the [N, V] logits never reach memory; on a CPU the fastest exact form is ``F.linear`` + a segment-max
-  argmax + torch's one-pass softmax per row chunk (see ``kernels/head_confidence.py``).
+  after the prefix (no concatenation), and the head runs only where the block is still masked in rows that are
+  still stepping (CPU). On CUDA the loop runs the fixed-shape form of the same steps over the model's static
+  decode state instead, captured once per shape as CUDA graphs (:mod:`nemotron_fast.decode.static`). On CUDA
+  the head is fused with the confidence/argmax reduction in one Triton kernel, so the [N, V] logits never reach
+  memory; on a CPU the fastest exact form is ``F.linear`` + a segment-max argmax + torch's one-pass softmax per
+  row chunk (see ``kernels/head_confidence.py``).
 - :func:`select` - forced top-1 + threshold (or even-schedule top-k) reveal, in place, on the device.
 - :func:`commit` - one causal forward over the finished block that overwrites the scratch slots with causal
   K/V; only the block's last position goes through the head (the next seed).
@@ -23,7 +25,6 @@ preallocated cache.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,11 +55,9 @@ BlockCallback = Callable[[int, list[list[int]]], "bool | None"]
 
 @dataclass
 class _State:
-    """Preallocated per-call state. ``x`` holds every row's completion (MASK where not yet revealed)."""
+    """Per-call loop state. ``x`` holds every row's completion (MASK where not yet revealed)."""
 
-    cache: KVCache
     x: torch.Tensor  # int64 [B, num_blocks * L]
-    prefix_len: int
     active: torch.Tensor  # bool [B]: rows still generating (only changes under per_row_eos)
     row_nfe: torch.Tensor  # int64 [B]
 
@@ -96,47 +95,45 @@ def _seed_tokens(logits: torch.Tensor, temperature: float, noise: NoiseSource | 
 
 
 def prefill(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, gen_len: int,
-            image_features: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
-    """Causal forward over the (left-padded) prompts into a fresh cache sized for the whole completion.
+            image_features: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Causal forward over the (left-padded) prompts into a cache sized for the whole completion.
 
     ids int64 [B, P], pad int64 [B], image_features [N_img_tokens, hidden] (the vision tower's projected output,
-    computed once by the caller) -> (cache holding the prefix, last-position logits [B, V]).
+    computed once by the caller); ``cache``: where to write (default: a fresh one of ``P + gen_len`` slots) ->
+    (the cache holding the prefix, last-position logits [B, V]).
     """
     b, p = ids.shape
-    cache = model.new_cache(b, p + gen_len, pad=pad)
+    if cache is None:
+        cache = model.new_cache(b, p + gen_len, pad=pad)
     embeds = model.embed(ids, image_features=image_features)
     hidden = model.forward_hidden(embeds, cache=cache, start=0, mode="causal")
     cache.length = p
     return cache, model.head(hidden[:, -1])
 
 
-def denoise_step(model: NLDModel, st: _State, block: torch.Tensor, start: int, *, temperature: float,
+def denoise_step(model: NLDModel, cache: KVCache, block: torch.Tensor, start: int, *, temperature: float,
                  noise: NoiseSource | None, exclude_id: int | None,
-                 all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One diffusion forward of the block -> (x0 int64 [B, L], conf [B, L] in the logits dtype, -inf where the
-    position is not masked). The head runs only on masked positions, or on all B*L rows with ``all_rows`` (a
-    fixed shape, for CUDA graphs and no host sync)."""
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One diffusion forward of the block at cache slot ``start`` -> (x0 int64 [B, L], conf [B, L] in the logits
+    dtype, -inf where the position is not masked). The head runs only on positions that are masked, in the rows
+    ``rows`` (bool [B]) if given: a finished row costs no head work. (The CUDA path runs the fixed-shape form,
+    :mod:`nemotron_fast.decode.static`.)"""
     mask_id = model.config.mask_token_id
-    is_mask = block == mask_id
-    hidden = model.forward_hidden(model.embed(block), cache=st.cache, start=start, mode="diffusion")
+    hidden = model.forward_hidden(model.embed(block), cache=cache, start=start, mode="diffusion")
     b, length = block.shape
     u = noise.uniform((b, length, model.config.vocab_size), block.device) if temperature > 0 else None
-    if all_rows:
-        tok, c = head_confidence_argmax(hidden.view(b * length, -1), model.diffusion_head.weight,
-                                        noise_u=u.view(b * length, -1) if u is not None else None,
-                                        temperature=temperature, exclude_id=exclude_id)
-        x0 = torch.where(is_mask, tok.view(b, length), block)
-        conf = torch.where(is_mask, c.view(b, length).to(model.dtype), float("-inf"))
-        return x0, conf
-    rows = is_mask.flatten().nonzero().squeeze(1)
+    want = block == mask_id
+    if rows is not None:
+        want = want & rows[:, None]
+    idx = want.flatten().nonzero().squeeze(1)
     x0 = block.clone()
     conf = torch.full((b, length), float("-inf"), dtype=model.dtype, device=block.device)
-    if rows.numel():
-        flat_u = u.view(b * length, -1)[rows] if u is not None else None
-        tok, c = head_confidence_argmax(hidden.view(b * length, -1)[rows], model.diffusion_head.weight,
+    if idx.numel():
+        flat_u = u.view(b * length, -1)[idx] if u is not None else None
+        tok, c = head_confidence_argmax(hidden.view(b * length, -1)[idx], model.diffusion_head.weight,
                                         noise_u=flat_u, temperature=temperature, exclude_id=exclude_id)
-        x0.view(-1)[rows] = tok
-        conf.view(-1)[rows] = c.to(conf.dtype)
+        x0.view(-1)[idx] = tok
+        conf.view(-1)[idx] = c.to(conf.dtype)
     return x0, conf
 
 
@@ -152,10 +149,11 @@ def _even_k(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
     return n_masked // steps + (step < n_masked % steps).long()
 
 
-def commit(model: NLDModel, st: _State, block: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal forward over the finished block, writing its K/V -> logits of its last position [B, V]."""
-    hidden = model.forward_hidden(model.embed(block), cache=st.cache, start=start, mode="causal")
-    st.cache.length = start + block.shape[1]
+def commit(model: NLDModel, cache: KVCache, block: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal forward over the finished block at cache slot ``start``, writing its K/V -> logits of its last
+    position [B, V]."""
+    hidden = model.forward_hidden(model.embed(block), cache=cache, start=start, mode="causal")
+    cache.length = start + block.shape[1]
     return model.head(hidden[:, -1])
 
 
@@ -230,35 +228,37 @@ def generate(
     ids, pad, feats, eos, exclude_id, noise = inp.ids, inp.pad, inp.feats, inp.eos, inp.exclude_id, inp.noise
     mask_id, length = model.config.mask_token_id, block_length
     b = ids.shape[0]
-    timings = dict.fromkeys(("vision", "prefill", "denoise", "select", "commit"), 0.0)
-    t1 = time.perf_counter()
-    cache, last = prefill(model, ids, pad, sched.gen_length, feats)
     dev = ids.device
-    st = _State(cache, torch.full((b, sched.gen_length), mask_id, dtype=torch.long, device=dev), ids.shape[1],
+    timings = dict.fromkeys(("vision", "prefill", "denoise", "select", "commit"), 0.0)
+    timings["vision"] = inp.vision_time
+    # CUDA: the fixed-shape steps over the static decode state (graphs at T = 0); CPU: the same loop with steps
+    # that run the head only where it matters (see _EagerSteps)
+    gpu_style = dev.type == "cuda" or _GPU_STYLE_ON_CPU
+    t1 = time.perf_counter()
+    if gpu_style:
+        steps: _Steps = _StaticSteps(model, ids, pad, feats, sched.gen_length, length, exclude_id=exclude_id,
+                                     graphs=temperature == 0 and use_cuda_graphs)
+    else:
+        steps = _EagerSteps(model, ids, pad, feats, sched.gen_length, length, exclude_id=exclude_id)
+    last = steps.last
+    st = _State(torch.full((b, sched.gen_length), mask_id, dtype=torch.long, device=dev),
                 torch.ones(b, dtype=torch.bool, device=dev), torch.zeros(b, dtype=torch.long, device=dev))
     seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
-    t2 = time.perf_counter()
-    timings["vision"], timings["prefill"] = inp.vision_time, t2 - t1
-    gpu_style = dev.type == "cuda" or _GPU_STYLE_ON_CPU
-    o = _Opts(mask_id, threshold, sched.steps_per_block, temperature, noise, exclude_id, policy, eos,
-              # on CUDA: fixed-shape steps (all L rows through the head) and no host sync inside a block;
-              # the speculative extra step that the lag allows would draw noise the reference never draws
-              all_rows=gpu_style, lag=gpu_style and temperature == 0 and on_step is None,
-              graphs=dev.type == "cuda" and temperature == 0 and use_cuda_graphs, on_step=on_step)
+    timings["prefill"] = time.perf_counter() - t1
+    o = _Opts(mask_id, threshold, sched.steps_per_block, temperature, noise, exclude_id, policy, eos, on_step)
     slots = sched.num_blocks * sched.steps_per_block
     rev_buf = torch.zeros(slots, b, length, dtype=torch.bool, device=dev)
     stepped_buf = torch.zeros(slots, b, dtype=torch.bool, device=dev)
     slot_block: list[int] = []
     commits = 0
     for blk in range(sched.num_blocks):
-        start = st.prefix_len + blk * length
         block = st.x[:, blk * length:(blk + 1) * length]
         block[:, 0] = torch.where(st.active, seed_tok, block[:, 0])
-        used = _denoise_block(model, st, block, start, o, rev_buf[len(slot_block):], stepped_buf[len(slot_block):],
+        used = _denoise_block(steps, st, block, o, rev_buf[len(slot_block):], stepped_buf[len(slot_block):],
                               timings, (blk, len(slot_block) + commits))
         slot_block += [blk] * used
         tc = time.perf_counter()
-        last = commit(model, st, block, start)
+        last = steps.commit(block)
         commits += 1
         st.row_nfe += st.active.long()
         seed_tok = _seed_tokens(last, temperature, noise, exclude_id)
@@ -280,7 +280,8 @@ def generate(
     completions = _completions(st.x, eos, sched.max_new_tokens, policy.per_row_eos, final=True,
                                decoded=(blk + 1) * length)
     trace = _trace(rev_buf[:len(slot_block)], stepped_buf[:len(slot_block)], slot_block, length)
-    return GenerationResult(completions, len(trace) + commits, trace, st.row_nfe.tolist(), timings)
+    nfe = len(trace) + commits
+    return GenerationResult(completions, nfe, trace, st.row_nfe.tolist(), timings, forwards=1 + steps.forwards)
 
 
 @dataclass
@@ -354,40 +355,124 @@ class _Opts:
     exclude_id: int | None
     policy: SamplingPolicy
     eos: torch.Tensor
-    all_rows: bool = False
-    lag: bool = False
-    graphs: bool = False
     on_step: StepCallback | None = None
 
 
-def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int, o: _Opts, rev_buf: torch.Tensor,
+class _Steps:
+    """The two forwards of the loop over one call's cache: ``denoise(block, stepping) -> (x0, conf)`` and
+    ``commit(block) -> last-position logits``; ``forwards`` counts the forwards run (prefill excluded)."""
+
+    cache: KVCache
+    last: torch.Tensor
+    forwards: int
+
+    def denoise(self, block: torch.Tensor, stepping: torch.Tensor, temperature: float, noise: NoiseSource | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def commit(self, block: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _EagerSteps(_Steps):
+    """The CPU steps: a per-call cache, the block's cache offset a Python int, the head only over positions that
+    are still masked in rows that are still stepping (the cheapest exact form without a GPU)."""
+
+    def __init__(self, model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, feats: torch.Tensor | None,
+                 gen_len: int, length: int, *, exclude_id: int | None) -> None:
+        self.model, self.length, self.exclude_id = model, length, exclude_id
+        self.cache, self.last = prefill(model, ids, pad, gen_len, feats)
+        self.start, self.forwards = ids.shape[1], 0
+
+    def denoise(self, block: torch.Tensor, stepping: torch.Tensor, temperature: float, noise: NoiseSource | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.forwards += 1
+        return denoise_step(self.model, self.cache, block, self.start, temperature=temperature, noise=noise,
+                            exclude_id=self.exclude_id, rows=stepping)
+
+    def commit(self, block: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        last = commit(self.model, self.cache, block, self.start)
+        self.start += self.length
+        return last
+
+
+class _StaticSteps(_Steps):
+    """The CUDA steps (:mod:`nemotron_fast.decode.static`): the model's static cache for the batch bucket, block
+    positions on the device, the backbone and the fused head over every position (a fixed shape), replayed as
+    CUDA graphs when ``graphs`` (captured once per shape and model). Rows past the call's batch are fillers."""
+
+    def __init__(self, model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, feats: torch.Tensor | None,
+                 gen_len: int, length: int, *, exclude_id: int | None, graphs: bool) -> None:
+        from .decode.static import static_decode
+
+        b, p = ids.shape
+        self.model, self.b, self.length, self.exclude_id, self.forwards = model, b, length, exclude_id, 0
+        sd = static_decode(model)
+        # the noise at T > 0 is drawn per real row, so only graphed (T = 0) calls run at the bucket's size
+        self.buf = buf = sd.buffers(b, p + gen_len, bucketed=graphs)
+        buf.cache.pad.zero_()
+        buf.cache.pad[:b] = pad
+        buf.starts.fill_(p)
+        self.cache, self.last = prefill(model, ids, pad, gen_len, feats, cache=buf.view(b, pad))
+        self.block = buf.block(length)
+        self.block.fill_(model.config.mask_token_id)
+        self._denoise = sd.denoise_fn(buf, length, exclude_id=exclude_id, graphs=graphs)
+        self._commit = sd.commit_fn(buf, length, graphs=graphs)
+        self._denoise_noisy = None if graphs else self._eager_noisy
+
+    def _eager_noisy(self, temperature: float, noise: NoiseSource) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = self.block.shape
+        m = self.model
+        hidden = m.forward_hidden(m.embed(self.block), cache=self.buf.cache, starts=self.buf.starts,
+                                  mode="diffusion")
+        u = noise.uniform((b, n, m.config.vocab_size), self.block.device)
+        tok, c = head_confidence_argmax(hidden.view(b * n, -1), m.diffusion_head.weight, noise_u=u.view(b * n, -1),
+                                        temperature=temperature, exclude_id=self.exclude_id)
+        is_mask = self.block == m.config.mask_token_id
+        return (torch.where(is_mask, tok.view(b, n), self.block),
+                torch.where(is_mask, c.view(b, n).to(m.dtype), float("-inf")))
+
+    def denoise(self, block: torch.Tensor, stepping: torch.Tensor, temperature: float, noise: NoiseSource | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.forwards += 1
+        self.block[:self.b].copy_(block)
+        if temperature > 0:
+            assert noise is not None and self._denoise_noisy is not None
+            x0, conf = self._denoise_noisy(temperature, noise)
+        else:
+            x0, conf = self._denoise()
+        return x0[:self.b], conf[:self.b]
+
+    def commit(self, block: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        self.block[:self.b].copy_(block)
+        (logits,) = self._commit()
+        self.cache.length += self.length
+        return logits[:self.b]
+
+
+def _denoise_block(steps: _Steps, st: _State, block: torch.Tensor, o: _Opts, rev_buf: torch.Tensor,
                    stepped_buf: torch.Tensor, timings: dict[str, float], where: tuple[int, int] = (0, 0)) -> int:
-    """Up to ``spb`` denoise steps on ``block`` (in place). Returns the step slots used.
+    """Up to ``spb`` denoise steps on ``block`` (in place). Returns the steps run.
 
     Each step records its reveals in ``rev_buf[s]`` [B, L] and the rows that really stepped in
-    ``stepped_buf[s]`` [B], on the device. With ``o.lag`` the host reads the "still stepping" flag one step
-    late through a non-blocking copy, so nothing inside the block waits for the device; the one speculative
-    step this may run after the block finished has no row stepping, changes nothing, and is dropped from the
-    trace and the NFE. ``where`` is (block index, forwards before this block), for ``o.on_step``'s events.
+    ``stepped_buf[s]`` [B], on the device. Before each step the host reads one flag (is any row still
+    stepping?), so no forward ever runs for a finished block. ``where`` is (block index, forwards before this
+    block), for ``o.on_step``'s events.
     """
     mask_id, policy = o.mask_id, o.policy
     stepping = st.active.clone()
     # the even schedule counts each row's masks at block start (L - 1, or L when the seed itself is MASK)
     n_masked = (block == mask_id).sum(1)
-    graph = _GraphedDenoise.capture(model, st, block, start, o) if o.graphs else None
-    pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
     used = 0
     for step in range(o.spb):
         has_mask = (block == mask_id).any(1) & stepping
         stepping = has_mask if policy.per_row_eos else stepping & has_mask.any()
-        if not o.lag and not bool(stepping.any()):
+        if not bool(stepping.any()):
             break
         ta = time.perf_counter()
-        if graph is not None:
-            x0, conf = graph.replay()
-        else:
-            x0, conf = denoise_step(model, st, block, start, temperature=o.temperature, noise=o.noise,
-                                    exclude_id=o.exclude_id, all_rows=o.all_rows)
+        x0, conf = steps.denoise(block, stepping, o.temperature, o.noise)
         tb = time.perf_counter()
         k = _even_k(n_masked, o.spb, step)
         rev_buf[step] = select(x0, conf, block, mask_id, o.threshold, k, stepping,
@@ -401,20 +486,6 @@ def _denoise_block(model: NLDModel, st: _State, block: torch.Tensor, start: int,
         used = step + 1
         timings["denoise"] += tb - ta
         timings["select"] += time.perf_counter() - tb
-        if not o.lag:
-            if not bool(stepping.any()):
-                break
-            continue
-        if pending is not None:
-            flag, event = pending
-            event.synchronize()
-            if not bool(flag):
-                break
-        flag = torch.empty((), dtype=torch.bool, pin_memory=stepping.is_cuda)
-        flag.copy_(stepping.any(), non_blocking=True)
-        event = torch.cuda.Event() if flag.is_pinned() and stepping.is_cuda else _DoneEvent()
-        event.record()
-        pending = (flag, event)
     return used
 
 
@@ -426,52 +497,6 @@ def _emit_step(on_step: StepCallback, blk: int, step: int, forwards: int, reveal
     pos = [[i for i, r in enumerate(row) if r] for row in rev]
     on_step(StepEvent("denoise", blk, step, forwards, pos, [[toks[b][i] for i in p] for b, p in enumerate(pos)],
                       [[cf[b][i] for i in p] for b, p in enumerate(pos)]))
-
-
-class _DoneEvent:
-    """Stand-in for a CUDA event on the CPU, where every copy has finished when it returns."""
-
-    def record(self) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class _GraphedDenoise:
-    """One block's fixed-shape denoise forward (backbone + fused head over all L rows) as a CUDA graph,
-    captured once per block (the cache offset changes between blocks) and replayed for each step."""
-
-    _pool: object | None = None
-
-    def __init__(self, graph: torch.cuda.CUDAGraph, x0: torch.Tensor, conf: torch.Tensor) -> None:
-        self.graph, self.x0, self.conf = graph, x0, conf
-
-    @classmethod
-    def capture(cls, model: NLDModel, st: _State, block: torch.Tensor, start: int, o: _Opts) -> _GraphedDenoise | None:
-        def step() -> tuple[torch.Tensor, torch.Tensor]:
-            return denoise_step(model, st, block, start, temperature=0.0, noise=None, exclude_id=o.exclude_id,
-                                all_rows=True)
-
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()  # warm-up: allocator and autotuning outside the capture; writes only scratch K/V
-            torch.cuda.current_stream().wait_stream(side)
-            if cls._pool is None:
-                cls._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=cls._pool):
-                x0, conf = step()
-            return cls(graph, x0, conf)
-        except RuntimeError as exc:  # capture unsupported here: the eager step is the same computation
-            warnings.warn(f"CUDA graph capture failed ({exc}); running the denoise step eagerly", stacklevel=2)
-            return None
-
-    def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.graph.replay()
-        return self.x0, self.conf
 
 
 def _trace(rev: torch.Tensor, stepped: torch.Tensor, slot_block: list[int], length: int) -> list[list[list[int]]]:

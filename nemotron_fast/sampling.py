@@ -115,6 +115,9 @@ class GenerationResult:
     - ``trace``: one entry per denoise forward: for each row, the sorted completion offsets revealed by that step.
     - ``timings``: seconds spent per phase (``vision``, ``prefill``, ``denoise``, ``select``, ``commit``), filled
       by samplers that measure them.
+    - ``forwards``: the model forward passes this call actually ran, prefill included. It equals ``nfe + 1`` for
+      diffusion (the prefill) and ``nfe`` for ``ar`` and ``linear_spec``, whose NFE already counts the prefill;
+      anything more would be wasted work.
     - ``spec_trace`` (linear_spec only): one entry per verify iteration, per row the :class:`SpecStep` (``None``
       for a row that had already finished). ``acceptance`` reads the accepted counts out of it.
 
@@ -129,6 +132,7 @@ class GenerationResult:
     row_nfe: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     spec_trace: list[list[SpecStep | None]] = field(default_factory=list)
+    forwards: int = 0
 
     @property
     def num_completion_tokens(self) -> int:

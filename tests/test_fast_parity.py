@@ -179,8 +179,8 @@ def test_bf16_token_agreement(models) -> None:
 
 @pytest.mark.parametrize("case", CASES[::4] + [c for c in CASES if c.threshold is None][:3], ids=str)
 def test_gpu_style_loop_on_cpu_is_exact(models, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA loop (all rows through the head, device-side trace, block-done flag read one step late with a
-    speculative no-op step) gives the reference's tokens, NFE and trace too."""
+    """The CUDA loop (the static decode state: batch bucket with filler rows, block positions on the device, the
+    attention twin, all rows through the head, device-side trace) gives the reference's tokens, NFE and trace."""
     gen = importlib.import_module("nemotron_fast.generate")  # the module (the package attribute is the function)
     monkeypatch.setattr(gen, "_GPU_STYLE_ON_CPU", True)
     model = models(case.vlm, case.vocab)
@@ -193,15 +193,23 @@ def test_gpu_style_loop_on_cpu_is_exact(models, case: Case, monkeypatch: pytest.
 @pytest.mark.requires_gpu
 @pytest.mark.parametrize("case", CASES[1::7], ids=str)
 def test_cuda_graphs_match_the_reference(ckpt_factory, case: Case) -> None:
-    """On a GPU: the graphed, sync-free loop with the Triton kernels equals the reference in fp32."""
+    """On a GPU: the graphed loop with the Triton kernels equals the reference in fp32, runs no forward the NFE
+    does not count, and a second call of the same shape captures no graph."""
+    from nemotron_fast.decode.static import static_decode
+
     path = ckpt_factory(vlm=case.vlm, vocab=case.vocab, seed=5, head_scale=HEAD_SCALE)
     model = nemotron_fast.load(path, device="cuda", dtype="float32")
     ids, pix, sizes = _inputs(model, case)
     ids = ids.cuda()
     ref = _call(reference.generate, model, case, ids, pix, sizes)
     fast = _call(nemotron_fast.generate, model, case, ids, pix, sizes)
+    before = static_decode(model).captures
+    again = _call(nemotron_fast.generate, model, case, ids, pix, sizes)
     eager = _call(nemotron_fast.generate, model, case, ids, pix, sizes, use_cuda_graphs=False)
     assert (fast.completion_ids, fast.nfe, fast.trace) == (ref.completion_ids, ref.nfe, ref.trace)
+    assert fast.forwards == fast.nfe + 1
+    assert static_decode(model).captures == before, "the same shape must replay, not capture again"
+    assert (again.completion_ids, again.nfe, again.trace) == (fast.completion_ids, fast.nfe, fast.trace)
     assert (eager.completion_ids, eager.nfe) == (ref.completion_ids, ref.nfe)
 
 
@@ -240,3 +248,65 @@ def test_step_events_are_refused_outside_diffusion(models) -> None:
     with pytest.raises(ValueError, match="on_step"):
         nemotron_fast.generate(model, text_prompt(model.config, 1, 5), max_new_tokens=4, mode="ar",
                                on_step=lambda e: None)
+
+
+@pytest.mark.parametrize("gpu_style", [False, True])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_forwards_are_the_nfe_plus_the_prefill(models, gpu_style: bool, ragged: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No forward runs that the NFE does not count: ``forwards == nfe + 1`` (the prefill), for batch 1 and for a
+    ragged ``per_row_eos`` batch whose rows finish at different blocks, in the CPU loop and the CUDA-style one."""
+    gen = importlib.import_module("nemotron_fast.generate")
+    monkeypatch.setattr(gen, "_GPU_STYLE_ON_CPU", gpu_style)
+    model = models(False, "small")
+    kw = dict(max_new_tokens=60, steps=3 * 8, block_length=20, threshold=0.9)
+    if not ragged:
+        out = nemotron_fast.generate(model, text_prompt(model.config, 4, 9), **kw)
+        assert out.forwards == out.nfe + 1 and out.nfe > 3
+        return
+    prompts = [text_prompt(model.config, s, n)[0] for s, n in ((1, 9), (2, 16), (3, 4))]
+    free = reference.generate(model, prompts[1].view(1, -1), **kw)
+    eos = next(t for t in free.completion_ids[0][20:] if t != model.config.mask_token_id)
+    out = nemotron_fast.generate(model, prompts, eos_token_id=eos, policy=SamplingPolicy(per_row_eos=True), **kw)
+    assert len(set(out.row_nfe)) > 1, "rows must finish at different points"
+    assert out.forwards == out.nfe + 1 == max(out.row_nfe) + 1
+
+
+@pytest.mark.parametrize("mode", ["ar", "linear_spec"])
+def test_forwards_of_the_other_modes_equal_their_nfe(models, mode: str) -> None:
+    model = models(False, "small")
+    out = nemotron_fast.generate(model, text_prompt(model.config, 4, 9), max_new_tokens=24, block_length=8,
+                                 threshold=0.5, mode=mode)
+    assert out.forwards == out.nfe > 1
+
+
+def test_graph_bookkeeping_captures_once_per_shape(ckpt_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-style loop on the CPU (the captured "graph" is the eager step): a shape's denoise step and commit
+    are captured once per model; later calls of the same batch bucket, block length and cache size capture
+    nothing, whatever their prompts; a new block length or a longer call captures that shape once."""
+    from nemotron_fast.decode.static import static_decode
+
+    gen = importlib.import_module("nemotron_fast.generate")
+    monkeypatch.setattr(gen, "_GPU_STYLE_ON_CPU", True)
+    model = nemotron_fast.load(ckpt_factory(vlm=False, vocab="small", seed=5, head_scale=HEAD_SCALE))
+    sd = static_decode(model)
+    kw = dict(max_new_tokens=24, block_length=8, threshold=0.9)
+
+    def captures(prompts, **over) -> int:
+        before = sd.captures
+        out = nemotron_fast.generate(model, prompts, policy=SamplingPolicy(per_row_eos=True), **{**kw, **over})
+        ref_kw = {k: v for k, v in {**kw, **over}.items() if k != "use_cuda_graphs"}
+        alone = reference.generate(model, prompts[0].view(1, -1), **ref_kw)
+        assert out.completion_ids[0] == alone.completion_ids[0]
+        return sd.captures - before
+
+    p = [text_prompt(model.config, s, n)[0] for s, n in ((1, 9), (2, 13), (3, 5))]
+    assert captures(p[:1]) == 2  # denoise + commit of (bucket 1, L 8)
+    assert captures(p[1:2]) == 0  # another prompt, same shape
+    assert captures(p[:3]) == 2  # bucket 4
+    assert captures(p[1:3] + p[:1]) == 0  # 3 rows again: bucket 4, other prompts
+    assert captures(p[:1], block_length=4) == 2  # a new block length
+    assert captures(p[:1], block_length=4) == 0
+    assert captures(p[:1], max_new_tokens=400) == 2  # a longer call grows the cache: its graphs are new
+    assert captures(p[:1], temperature=0.5, seed=3) == 0  # sampling runs the steps eagerly
+    assert captures(p[:1], use_cuda_graphs=False) == 0

@@ -44,7 +44,7 @@ def generate_ar(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, feats: to
     finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
     row_nfe = torch.zeros(b, dtype=torch.long, device=ids.device)
     t1 = time.perf_counter()
-    n = 0
+    n, forwards = 0, 1
     for step in range(max_new_tokens):
         tok = _seed_tokens(last, temperature, noise, exclude_id)
         tokens[:, step] = tok
@@ -63,6 +63,7 @@ def generate_ar(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, feats: to
             break
         if step < max_new_tokens - 1:
             last = ar_step(model, cache, tok, p + step)
+            forwards += 1
     timings["decode"] = time.perf_counter() - t1
     rows = tokens[:, :n].tolist()
     if policy.per_row_eos:
@@ -71,4 +72,4 @@ def generate_ar(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, feats: to
         nfe_rows = row_nfe.tolist()
     else:
         nfe_rows = [n] * b
-    return GenerationResult(rows, n, [], nfe_rows, timings)
+    return GenerationResult(rows, n, [], nfe_rows, timings, forwards=forwards)

@@ -155,4 +155,5 @@ def generate_linear_spec(model: NLDModel, ids: torch.Tensor, pad: torch.Tensor, 
         it += 1
     if policy.truncate_overshoot:
         out = [r[:max_new_tokens] for r in out]
-    return GenerationResult(out, nfe, [], row_nfe, timings, spec_trace=trace)
+    # every forward run (prefill, drafts, verifies) is counted in nfe, upstream's convention for this mode
+    return GenerationResult(out, nfe, [], row_nfe, timings, spec_trace=trace, forwards=nfe)

@@ -8,6 +8,7 @@ after casting back, cos/sin computed in fp32 and cast to the model dtype, the qu
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,23 @@ from torch import nn
 from ..config import RopeConfig, TextConfig
 from .lora import lora_delta
 
-__all__ = ["RMSNorm", "RotaryEmbedding", "yarn_inv_freq", "Attention", "MLP", "DecoderLayer", "rotate_half"]
+__all__ = ["CAUSAL", "BlockSlots", "RMSNorm", "RotaryEmbedding", "yarn_inv_freq", "Attention", "MLP", "DecoderLayer",
+           "rotate_half"]
+
+
+#: ``attn_mask`` value for a causal forward from cache slot 0 with no padding: SDPA's ``is_causal`` instead of a
+#: boolean mask, so CUDA can use its fused backends for the prefill.
+CAUSAL = "causal"
+
+
+class BlockSlots(NamedTuple):
+    """Where a block's tokens sit in a static cache, as device tensors: ``starts`` int64 [B] (the slot of each
+    row's first new token, i.e. its valid prefix ends there), ``pad`` int64 [B] (each row's first valid slot) and
+    whether the new tokens attend causally (commit) or bidirectionally (denoise step)."""
+
+    starts: torch.Tensor
+    pad: torch.Tensor
+    causal: bool
 
 
 class RMSNorm(nn.Module):
@@ -124,19 +141,26 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-        attn_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | str | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
         slots: torch.Tensor | None = None,
         lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
+        block: BlockSlots | None = None,
     ) -> torch.Tensor:
-        """x [B, T, H]; attn_mask bool [B, 1, T, S] (True = attend) or None (full attention);
+        """x [B, T, H]; attn_mask bool [B, 1, T, S] (True = attend), None (full attention) or :data:`CAUSAL`
+        (queries and keys aligned at slot 0, lower-triangular);
         kv: this layer's cache (k, v), each [B, Hkv, S_max, D].
 
         ``slots`` int64 [B, T] (optional): per-row cache slots of the new tokens, for rows whose cached lengths
         differ (linear_spec); the keys then span ``[0, start)`` with ``start`` the caller's bound on every row's
         ``slots + 1``. ``lora``: projection name -> (A, B, scale), a low-rank delta added to that projection
-        (the linear_spec draft adapter)."""
+        (the linear_spec draft adapter).
+
+        ``block`` (the fixed-shape decode path): row ``b``'s T new tokens go to slots ``[starts[b], starts[b] + T)``
+        of the static cache, read on the device, and attend to the row's valid prefix ``[pad[b], starts[b])`` plus
+        the new tokens (all of them, or causally): :func:`~nemotron_fast.kernels.block_attention.block_attention`,
+        the Triton kernel on CUDA and its SDPA twin elsewhere. ``attn_mask`` and ``start`` are unused then."""
         b, t, _ = x.shape
         q = self._proj("q_proj", x, lora).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self._proj("k_proj", x, lora).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
@@ -147,6 +171,11 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if q_scale is not None:
             q = q * q_scale
+        if block is not None:
+            assert kv is not None, "the block path needs the layer's cache"
+            from ..kernels.block_attention import block_attention  # TODO(coordinator): module level once it lands
+            out = block_attention(q, kv[0], kv[1], k, v, block.starts, block.pad, causal=block.causal)
+            return self._proj("o_proj", out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), lora)
         if kv is not None and slots is not None:
             ck, cv = kv
             rows = torch.arange(b, device=x.device)[:, None]
@@ -158,7 +187,11 @@ class Attention(nn.Module):
             ck[:, :, start:start + t] = k
             cv[:, :, start:start + t] = v
             k, v = ck[:, :, :start + t], cv[:, :, :start + t]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.num_kv != self.num_heads)
+        gqa = self.num_kv != self.num_heads
+        if isinstance(attn_mask, str):  # CAUSAL: no mask tensor, so SDPA may pick its fused (flash) kernels
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self._proj("o_proj", out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), lora)
 
     def _proj(self, name: str, x: torch.Tensor, lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None
@@ -194,8 +227,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                attn_mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | str | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start: int = 0, slots: torch.Tensor | None = None,
-                lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, kv, start, slots, lora)
+                lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
+                block: BlockSlots | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, kv, start, slots, lora, block)
         return x + self.mlp(self.post_attention_layernorm(x))

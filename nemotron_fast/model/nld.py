@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import NLDConfig, load_config
 from .cache import KVCache
-from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from .layers import CAUSAL, BlockSlots, DecoderLayer, RMSNorm, RotaryEmbedding
 from .lora import DraftLoRA, load_draft_lora
 from .vision import MultiModalProjector, PixtralVisionTower
 from .weights import load_state_dict_strict
@@ -106,7 +106,7 @@ class NLDModel(nn.Module):
     def forward_hidden(self, embeds: torch.Tensor, *, cache: KVCache | None = None, start: int = 0,
                        mode: Mode = "causal", attn_mask: torch.Tensor | None = None,
                        positions: torch.Tensor | None = None, row_start: list[int] | None = None,
-                       lora: bool = False) -> torch.Tensor:
+                       lora: bool = False, starts: torch.Tensor | None = None) -> torch.Tensor:
         """Run the backbone; returns the final-normed hidden states [B, T, hidden].
 
         With ``cache``: the T tokens occupy slots ``[start, start + T)``; masks and positions follow from the
@@ -114,14 +114,20 @@ class NLDModel(nn.Module):
         ``[row_start[b], row_start[b] + T)``: rows whose cached lengths differ (linear_spec after ragged
         acceptances); each row sees only its own valid slots. Without a cache (training): ``attn_mask`` bool
         [B, 1, T, T] (True = attend; None = causal) and ``positions`` int64 [B, T] (default ``arange(T)``).
-        ``lora`` switches on the draft adapter (:attr:`draft_lora`) for this forward.
+        ``lora`` switches on the draft adapter (:attr:`draft_lora`) for this forward. ``starts`` int64 [B] on the
+        device (the fixed-shape decode path, CUDA-graph safe: nothing is read back to the host) puts row ``b``'s
+        tokens at ``[starts[b], starts[b] + T)``; positions and masks are derived on the device and attention runs
+        as :func:`~nemotron_fast.kernels.block_attention.block_attention` over the row's valid cache.
         """
         b, t, _ = embeds.shape
         dev = embeds.device
-        slots = None
+        slots = block = None
         if lora and self.draft_lora is None:
             raise ValueError("lora=True but this model has no draft adapter (draft_lora is None)")
-        if cache is not None and row_start is not None:
+        if cache is not None and starts is not None:
+            positions = (starts[:, None] + torch.arange(t, device=dev) - cache.pad[:, None]).clamp(min=0)
+            block = BlockSlots(starts, cache.pad, mode == "causal")
+        elif cache is not None and row_start is not None:
             if len(row_start) != b:
                 raise ValueError(f"row_start needs one start per row ({b}), got {len(row_start)}")
             start = max(row_start) + t
@@ -150,7 +156,7 @@ class NLDModel(nn.Module):
             delta = None
             if adapter is not None:
                 delta = {p: ab for p in adapter.projections if (ab := adapter.layer(i, p)) is not None} or None
-            x = layer(x, rope, attn_mask, cache.layer(i) if cache is not None else None, start, slots, delta)
+            x = layer(x, rope, attn_mask, cache.layer(i) if cache is not None else None, start, slots, delta, block)
         return self.encoder.norm(x)
 
     @staticmethod
@@ -166,9 +172,12 @@ class NLDModel(nn.Module):
         return (valid & (keys[None, :] < end[:, None]))[:, None, None, :].expand(-1, 1, slots.shape[1], -1)
 
     @staticmethod
-    def _cache_mask(cache: KVCache, start: int, t: int, mode: Mode) -> torch.Tensor | None:
-        """bool [B, 1, T, start + T] or None when every key may be attended to."""
+    def _cache_mask(cache: KVCache, start: int, t: int, mode: Mode) -> torch.Tensor | str | None:
+        """bool [B, 1, T, start + T], None when every key may be attended to, or (CUDA, an unpadded prefill)
+        :data:`~nemotron_fast.model.layers.CAUSAL`: no mask tensor, so SDPA can use its flash kernel."""
         dev = cache.k.device
+        if dev.type == "cuda" and mode == "causal" and start == 0 and t > 1 and not cache.has_pad:
+            return CAUSAL
         keys = torch.arange(start + t, device=dev)
         queries = start + torch.arange(t, device=dev)
         mask = None
