@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TextConfig
+from ..kernels.block_attention import block_attention
 from .lora import lora_delta
 
 __all__ = ["CAUSAL", "BlockSlots", "RMSNorm", "RotaryEmbedding", "yarn_inv_freq", "Attention", "MLP", "DecoderLayer",
@@ -173,7 +174,6 @@ class Attention(nn.Module):
             q = q * q_scale
         if block is not None:
             assert kv is not None, "the block path needs the layer's cache"
-            from ..kernels.block_attention import block_attention  # TODO(coordinator): module level once it lands
             out = block_attention(q, kv[0], kv[1], k, v, block.starts, block.pad, causal=block.causal)
             return self._proj("o_proj", out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), lora)
         if kv is not None and slots is not None:
