@@ -11,6 +11,13 @@ import warnings
 
 from setuptools import find_packages, setup
 
+# Machine code for Ampere (sm_80) and Hopper (sm_90), plus compute_90 PTX that newer GPUs JIT-compile.
+NVCC_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
 
 def _cuda_extensions() -> tuple[list, dict]:
     if os.environ.get("NEMOTRON_FAST_SKIP_CUDA") == "1":
@@ -34,7 +41,7 @@ def _cuda_extensions() -> tuple[list, dict]:
     ext = CUDAExtension(
         name="nemotron_fast._C",
         sources=["csrc/bindings.cpp", "csrc/select_unmask.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *NVCC_ARCH_FLAGS]},
     )
     return [ext], {"build_ext": BuildExtension}
 

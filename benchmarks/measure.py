@@ -3,8 +3,9 @@
 Every comparison is measured in one process, the contenders interleaved: after one untimed warm-up call each
 (the reference and fast warm-up calls are also the parity check), each round runs every contender once, the
 order reversed on odd rounds so slow drift in the machine's load hits all of them alike, and each contender's
-reported time is its median over the rounds. Wall time is the metric (the device is synchronised around each
-call); process CPU time is kept beside it as a noise indicator.
+reported time is its median over the rounds. Wall time is the metric: on CUDA the elapsed time between two CUDA
+events recorded around the call on the current stream (the device synchronised before the call and on the end
+event after it), on the CPU ``perf_counter``; process CPU time is kept beside it as a noise indicator.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the call minus what was allocated before it; on
 the CPU (where tracemalloc cannot see torch's allocations) the process's resident-set high-water mark, which
@@ -142,10 +143,17 @@ def timed_call(fn: Callable[[], Any], device: torch.device) -> Sample:
         else:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     c0, t0 = time.process_time(), time.perf_counter()
-    result = fn()
     if cuda:
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        wall = start.elapsed_time(end) / 1e3
+    else:
+        result = fn()
+        wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
         total = peak

@@ -81,7 +81,8 @@ def _row(model: Any, cfg: Config, c: Contender, *, sampler: str, policy: str, ba
         "accuracy": None, "floor_s": floor_s, "floor_ratio": s.wall / floor_s if floor_s else None,
         "floor_gflop": floor.call.flops / 1e9 if floor is not None and floor.floor_values else None,
         "speedup_vs_reference": None, "parity": None,
-        "bandwidth": cuda_bandwidth(model, res, split["denoise"] + split["select"] + split["commit"]),
+        "bandwidth": cuda_bandwidth(model, res, split["denoise"] + split["select"] + split["commit"], batch=batch,
+                                    context=prompt_tokens + tokens // (2 * max(batch, 1))),
     }
     return row
 
@@ -333,14 +334,15 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.run [options]`` (the options of ``nemotron-fast bench``)."""
-    from nemotron_fast.bench import add_bench_arguments
+    from nemotron_fast.bench import add_bench_arguments, load_dispatch
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    return run(args)
+    status = load_dispatch(args)  # --serve: the load benchmark (benchmarks/load.py)
+    return run(args) if status is None else status
 
 
 if __name__ == "__main__":

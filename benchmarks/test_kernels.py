@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from nemotron_fast import reference
 from nemotron_fast.kernels import (
+    block_attention,
+    block_attention_ref,
     confidence_argmax,
     confidence_argmax_ref,
     head_confidence_argmax,
     head_confidence_argmax_ref,
-    kv_write,
-    kv_write_ref,
     select_unmask,
     select_unmask_ref,
 )
@@ -78,12 +78,16 @@ def test_select_unmask(benchmark, impl: str, batch: int, gen: torch.Generator) -
     assert benchmark(step).any()
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["cpu_path", "ref"])
-def test_kv_write(benchmark, impl: str, gen: torch.Generator) -> None:
-    """One layer's block K write into a [1, 2, 1600, 16] cache at slot 1066."""
-    benchmark.group = "kv_write"
-    cache = torch.zeros(1, 2, 1600, 16)
-    new = torch.randn(1, 2, 32, 16, generator=gen)
-    fn = kv_write if impl == "cpu_path" else kv_write_ref
-    benchmark(fn, cache, new, 1066)
-    assert torch.equal(cache[:, :, 1066:1098], new)
+def test_block_attention(benchmark, impl: str, causal: bool, gen: torch.Generator) -> None:
+    """One layer's block attention (cache write + attention over the prefix and the 32-token block): 4 query
+    heads on 2 kv-heads, D 16, a [1, 2, 1600, 16] cache with the block at slot 1066."""
+    benchmark.group = f"block_attention causal={causal}"
+    k_cache, v_cache = torch.zeros(2, 1, 2, 1600, 16).unbind(0)
+    q = torch.randn(1, 4, 32, 16, generator=gen)
+    k_new, v_new = torch.randn(2, 1, 2, 32, 16, generator=gen).unbind(0)
+    start, pad = torch.tensor([1066]), torch.tensor([0])
+    fn = block_attention if impl == "cpu_path" else block_attention_ref
+    out = benchmark(fn, q, k_cache, v_cache, k_new, v_new, start, pad, causal=causal)
+    assert out.shape == q.shape and torch.equal(k_cache[:, :, 1066:1098], k_new)

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_uniform64", "philox_uniform64_at", "philox_uniform64_ref", "philox4x32_10", "check_seed"]
+__all__ = ["philox_uniform64", "philox_uniform64_at", "philox_uniform64_ref", "philox4x32_10", "check_seed",
+           "offset_value", "offset_pointer"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -57,11 +58,12 @@ def philox_uniform64_at(seed: int, counter: torch.Tensor) -> torch.Tensor:
     return (x + 0.5) * (1.0 / 4503599627370496.0)
 
 
-def philox_uniform64_ref(seed: int, offset: int, shape: tuple[int, ...] | torch.Size,
+def philox_uniform64_ref(seed: int, offset: int | torch.Tensor, shape: tuple[int, ...] | torch.Size,
                          device: torch.device | str = "cpu") -> torch.Tensor:
     """The noise :func:`philox_uniform64` draws for counters ``offset + arange(numel)``, as a float64 tensor of
     ``shape`` (row-major: element ``[n, v]`` of an [N, V] draw uses counter ``offset + n * V + v``)."""
     check_seed("philox_uniform64_ref", seed, offset)
+    offset = offset_value(offset)
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -69,8 +71,31 @@ def philox_uniform64_ref(seed: int, offset: int, shape: tuple[int, ...] | torch.
     return philox_uniform64_at(seed, counter).reshape(tuple(shape))
 
 
-def check_seed(op: str, seed: int, offset: int) -> None:
-    """Raise unless ``seed`` and ``offset`` are ints in [0, 2**63)."""
-    for name, v in (("seed", seed), ("offset", offset)):
+def check_seed(op: str, seed: int, offset: int | torch.Tensor, device: torch.device | None = None) -> None:
+    """Raise unless ``seed`` is an int in [0, 2**63) and ``offset`` is one too, or an int64 tensor of one element
+    (on ``device`` when given) holding the offset, read by the kernel at launch time."""
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype != torch.int64 or offset.numel() != 1:
+            raise ValueError(f"{op}: an offset tensor must be int64 with one element, got {offset.dtype} "
+                             f"{tuple(offset.shape)}.")
+        if device is not None and offset.device != device:
+            raise ValueError(f"{op}: the offset tensor is on {offset.device} but the data is on {device}.")
+        values = (("seed", seed),)
+    else:
+        values = (("seed", seed), ("offset", offset))
+    for name, v in values:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
             raise ValueError(f"{op}: {name} must be an int in [0, 2**63), got {v!r}.")
+
+
+def offset_value(offset: int | torch.Tensor) -> int:
+    """The Philox offset as an int (reads a tensor offset; a host sync for a CUDA tensor, so references only)."""
+    return int(offset.reshape(()).item()) if isinstance(offset, torch.Tensor) else offset
+
+
+def offset_pointer(offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The int64 one-element tensor a kernel reads its Philox offset from: ``offset`` itself when it is one (so a
+    CUDA-graph replay sees the value the caller advanced in place), else a new tensor holding it."""
+    if isinstance(offset, torch.Tensor):
+        return offset.reshape(1)
+    return torch.tensor([offset], dtype=torch.int64, device=device)

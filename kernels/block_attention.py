@@ -5,7 +5,7 @@ Why: a block-diffusion decode runs three kinds of forward over one preallocated 
 prompt, causal), a few denoise steps per block (the L block tokens attend bidirectionally to the prefix and to
 each other) and one commit per block (the final tokens, causal, whose K/V then stay in the cache). Denoise and
 commit read the whole prefix for a handful of queries, so they are bound by reading the cache, and SDPA with a
-boolean mask plus GQA falls back to its math backend there. This kernel reads each K/V tile once per kv-head
+boolean mask plus GQA most likely falls back to its math backend there. This kernel reads each K/V tile once per kv-head
 for all of the head's query rows, never materialises repeated K/V or a mask, and takes every per-row length
 from device tensors, so one compiled kernel (and one CUDA graph) serves every step, block and prompt length.
 
@@ -23,16 +23,18 @@ block's keys come from ``k_new``/``v_new`` rather than the cache, so the fused w
 
 Layout: ``q`` [B, Hq, L, D]; ``k_new``/``v_new`` [B, Hkv, L, D]; ``k_cache``/``v_cache`` [B, Hkv, S_max, D] (any
 strides: a layer's slice of a bigger cache works); ``start``/``pad`` int64 [B] on the same device;
-``Hq % Hkv == 0``. Output [B, Hq, L, D] contiguous, in ``q``'s dtype; fp32 accumulation.
+``Hq % Hkv == 0``. Output [B, Hq, L, D] in ``q``'s dtype, laid out [B, L, Hq, D] in memory (as SDPA's output);
+fp32 accumulation.
 
 Split-KV (flash-decoding): the grid is (B * Hkv, query tiles, splits). A program holds all ``(Hq / Hkv) * L``
-query rows of one kv-head (padded to a power of two >= 16 for ``tl.dot``; past 128 rows they are tiled), so each
-K/V tile is read once per kv-head. Row ``b``'s prefix tiles are dealt evenly to the splits on the device (the
-bound comes from ``start[b]``), the last split also takes the block's own keys and writes them to the cache;
-each split keeps an online softmax and writes its partial (max, sum, unnormalised acc), and a second kernel
-merges the partials. A split that gets no keys writes an empty partial (max -inf, sum 0). With one split the
-main kernel normalises and writes the output itself. A row whose block does not fit the cache
-(``start < 0`` or ``start + L > S_max``) is skipped: no cache write, output 0 (the reference raises instead).
+query rows of one kv-head (padded to a power of two >= 16 for ``tl.dot``; past 128 rows in 16-bit, 32 in fp32,
+they are tiled), so each K/V tile is read once per kv-head and query tile. Row ``b``'s prefix tiles are dealt
+evenly to the splits on the device (the bound comes from ``start[b]``), the last split also takes the block's
+own keys and writes them to the cache; each split keeps an online softmax and writes its partial (max, sum,
+unnormalised acc), and a second kernel merges the partials. A split that gets no keys writes an empty partial
+(max -inf, sum 0). With one split the main kernel normalises and writes the output itself. A row whose block
+does not fit the cache (``start < 0`` or ``start + L > S_max``) is skipped: no cache write, output 0 (the
+reference raises instead).
 """
 
 from __future__ import annotations
@@ -355,7 +357,8 @@ def block_attention_triton(
     if dim > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim {dim} exceeds the kernel's {MAX_HEAD_DIM}; use block_attention_ref.")
     device = q.device
-    out = torch.empty(batch, hq, length, dim, dtype=q.dtype, device=device)
+    # [B, L, Hq, D] memory, like SDPA's output: the model's transpose(1, 2).reshape(B, L, Hq * D) is then free.
+    out = torch.empty(batch, length, hq, dim, dtype=q.dtype, device=device).transpose(1, 2)
     if batch == 0:
         return out
     group = hq // hkv
@@ -422,7 +425,8 @@ def block_attention(
     iff j <= i (the commit). ``scale``: softmax scale (default ``1 / sqrt(D)``). ``num_splits``: prefix slices
     per (row, kv-head) for the Triton path (default: from S_max and the grid size).
 
-    Returns [B, Hq, L, D] in q's dtype. Runs the Triton kernel on CUDA (or under the interpreter) and
+    Returns [B, Hq, L, D] in q's dtype ([B, L, Hq, D] in memory, as SDPA returns it, so ``out.transpose(1, 2)``
+    is contiguous). Runs the Triton kernel on CUDA (or under the interpreter) and
     :func:`block_attention_ref` otherwise; see the module docstring for the exact visibility rule.
     """
     if isinstance(q, torch.Tensor) and use_triton(_block_attention_kernel, q.device):

@@ -25,21 +25,22 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, check_launchable, next_pow2, num_sms, use_triton
-from ._philox import check_seed, philox_uniform64, philox_uniform64_ref
+from ._philox import check_seed, offset_pointer, philox_uniform64, philox_uniform64_ref
 
 __all__ = ["confidence_argmax", "confidence_argmax_triton", "confidence_argmax_ref"]
 
 
-@triton.jit(do_not_specialize=["exclude_id", "tiles_per_split", "seed", "offset"])
+@triton.jit(do_not_specialize=["exclude_id", "tiles_per_split", "seed"])
 def _confidence_argmax_kernel(
-    logits_ptr, u_ptr,
+    logits_ptr, u_ptr, offset_ptr,
     part_m_ptr, part_s_ptr, part_key_ptr, part_idx_ptr, part_logit_ptr,
     V, stride_ln, stride_lv, stride_un, stride_uv,
-    temperature: tl.float64, seed: tl.int64, offset: tl.int64, exclude_id, tiles_per_split,
+    temperature: tl.float64, seed: tl.int64, exclude_id, tiles_per_split,
     NOISE: tl.constexpr, UNIT_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # One program = one row x one slice of the vocabulary.
-    # NOISE: 0 -> T == 0, 1 -> noise read from u_ptr, 2 -> Philox noise at counter offset + row * V + v.
+    # NOISE: 0 -> T == 0, 1 -> noise read from u_ptr, 2 -> Philox noise at counter offset + row * V + v, with
+    # offset read from offset_ptr (a device value, so a replayed CUDA graph sees the caller's latest offset).
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -55,6 +56,9 @@ def _confidence_argmax_kernel(
         best_key = tl.full((), float("-inf"), tl.float64)
     best_idx = tl.full((), 2147483647, tl.int32)
     best_logit = tl.zeros((), tl.float32)
+    offset = 0
+    if NOISE == 2:
+        offset = tl.load(offset_ptr)
     for t in range(0, tiles_per_split):
         offs = v_begin + t * BLOCK_V + lanes
         valid = offs < v_end
@@ -127,7 +131,7 @@ def _confidence_argmax_combine_kernel(
 
 def check_sampling_args(op: str, shape: torch.Size, device: torch.device, temperature: float,
                         noise_u: torch.Tensor | None, exclude_id: int | None, seed: int | None = None,
-                        offset: int = 0) -> int:
+                        offset: int | torch.Tensor = 0) -> int:
     """Validate the arguments every confidence op shares, for logits of ``shape`` [..., V] on ``device``.
 
     Returns the noise mode: 0 greedy, 1 injected ``noise_u``, 2 Philox noise from ``(seed, offset)``.
@@ -146,7 +150,7 @@ def check_sampling_args(op: str, shape: torch.Size, device: torch.device, temper
     if seed is not None:
         if noise_u is not None:
             raise ValueError(f"{op}: give noise_u or seed, not both.")
-        check_seed(op, seed, offset)
+        check_seed(op, seed, offset, device)
         return 2
     if not isinstance(noise_u, torch.Tensor):
         raise ValueError(f"{op}: temperature {temperature} > 0 needs noise_u (uniform noise shaped like the "
@@ -163,7 +167,7 @@ def check_sampling_args(op: str, shape: torch.Size, device: torch.device, temper
 
 
 def seeded_noise_ref(shape: torch.Size, device: torch.device, temperature: float, noise_u: torch.Tensor | None,
-                     seed: int | None, offset: int) -> torch.Tensor | None:
+                     seed: int | None, offset: int | torch.Tensor) -> torch.Tensor | None:
     """The uniform noise a call consumes: ``noise_u``, or the Philox draw of ``(seed, offset)`` (float64 of
     ``shape``), or None at ``T == 0``."""
     if temperature == 0:
@@ -172,7 +176,7 @@ def seeded_noise_ref(shape: torch.Size, device: torch.device, temperature: float
 
 
 def _check_args(op: str, logits: torch.Tensor, temperature: float, noise_u: torch.Tensor | None,
-                exclude_id: int | None, seed: int | None, offset: int) -> int:
+                exclude_id: int | None, seed: int | None, offset: int | torch.Tensor) -> int:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}.")
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -227,7 +231,7 @@ def confidence_argmax_ref(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth and CPU path of :func:`confidence_argmax` in plain torch (materialises the softmax).
 
@@ -255,7 +259,7 @@ def confidence_argmax_triton(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     num_splits: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,10 +289,11 @@ def confidence_argmax_triton(
         raise ValueError(f"{op}: block_v must be a power of two, got {block_v}.")
     num_splits, tiles_per_split = plan_splits(op, triton.cdiv(vocab, block_v), n_rows, device, num_splits)
     parts = alloc_partials(n_rows * num_splits, device)
+    off = offset_pointer(offset, device) if noise == 2 else x0
     _confidence_argmax_kernel[(n_rows, num_splits)](
-        l2, u2, *parts,
+        l2, u2, off, *parts,
         vocab, l2.stride(0), l2.stride(1), u2.stride(0), u2.stride(1),
-        temperature, seed or 0, offset, -1 if exclude_id is None else exclude_id, tiles_per_split,
+        temperature, seed or 0, -1 if exclude_id is None else exclude_id, tiles_per_split,
         NOISE=noise, UNIT_T=temperature == 1.0, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
     )
     combine_partials(parts, num_splits, x0, conf)
@@ -302,13 +307,14 @@ def confidence_argmax(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token choice and its confidence for every row of ``logits``, without materialising the softmax.
 
     ``logits``: [..., V] float32/bfloat16/float16. ``temperature``: 0 = greedy; > 0 = Gumbel-max with uniform
     noise, either ``noise_u`` [..., V] float64 or, with ``seed`` (int in [0, 2**63)), Philox noise drawn in the
-    kernel for counters ``offset + flat index`` (advance ``offset`` by ``logits.numel()`` between calls).
+    kernel for counters ``offset + flat index`` (advance ``offset`` by ``logits.numel()`` between calls;
+    ``offset`` may be an int64 one-element tensor on the logits' device, read at launch).
     ``exclude_id``: a token id never chosen (default None). Returns ``x0`` [...] int64 and ``conf`` [...] in
     ``logits.dtype`` (``softmax(logits)[x0]``). Runs the Triton kernel on CUDA (or under the interpreter)
     and :func:`confidence_argmax_ref` otherwise.

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOAT_DTYPES, check_launchable, is_interpreted, next_pow2, use_triton
-from ._philox import philox_uniform64, philox_uniform64_at
+from ._philox import offset_pointer, offset_value, philox_uniform64, philox_uniform64_at
 from .confidence import (
     alloc_partials,
     check_sampling_args,
@@ -28,17 +28,19 @@ from .confidence import (
 __all__ = ["head_confidence_argmax", "head_confidence_argmax_triton", "head_confidence_argmax_ref", "first_argmax"]
 
 
-@triton.jit(do_not_specialize=["exclude_id", "tiles_per_split", "seed", "offset"])
+@triton.jit(do_not_specialize=["exclude_id", "v_per_split", "seed"])
 def _head_confidence_argmax_kernel(
-    hidden_ptr, weight_ptr, u_ptr,
+    hidden_ptr, weight_ptr, u_ptr, offset_ptr,
     part_m_ptr, part_s_ptr, part_key_ptr, part_idx_ptr, part_logit_ptr,
     N, V, H, stride_hn, stride_hh, stride_wv, stride_wh, stride_un, stride_uv,
-    temperature: tl.float64, seed: tl.int64, offset: tl.int64, exclude_id, tiles_per_split,
+    temperature: tl.float64, seed: tl.int64, exclude_id, v_per_split,
     NOISE: tl.constexpr, UNIT_T: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # One program = BLOCK_N rows x one slice of the vocabulary.
-    # NOISE: 0 -> T == 0, 1 -> noise read from u_ptr, 2 -> Philox noise at counter offset + row * V + v.
+    # One program = BLOCK_N rows x one slice of v_per_split vocabulary entries (a multiple of BLOCK_V, so the
+    # slices do not depend on the tile width the autotuner picks).
+    # NOISE: 0 -> T == 0, 1 -> noise read from u_ptr, 2 -> Philox noise at counter offset + row * V + v, with
+    # offset read from offset_ptr (a device value, so a replayed CUDA graph sees the caller's latest offset).
     # UPCAST_DOT works around Triton 3.7's interpreter, whose tl.dot multiplies the raw bits of bf16 operands;
     # bf16 x bf16 products are exact in fp32, so the upcast dot computes the same sums.
     split = tl.program_id(1)
@@ -46,8 +48,8 @@ def _head_confidence_argmax_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = rows.to(tl.int64)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    v_begin = split * v_per_split
+    v_end = tl.minimum(V, v_begin + v_per_split)
     lanes = tl.arange(0, BLOCK_V)
     ks0 = tl.arange(0, BLOCK_K)
 
@@ -59,8 +61,11 @@ def _head_confidence_argmax_kernel(
         best_key = tl.full((BLOCK_N,), float("-inf"), tl.float64)
     best_idx = tl.full((BLOCK_N,), 2147483647, tl.int32)
     best_logit = tl.zeros((BLOCK_N,), tl.float32)
-    for t in range(0, tiles_per_split):
-        offs = v_begin + t * BLOCK_V + lanes
+    offset = 0
+    if NOISE == 2:
+        offset = tl.load(offset_ptr)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs = v0 + lanes
         valid = offs < v_end
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -117,7 +122,7 @@ def _head_confidence_argmax_kernel(
 
 def _check_args(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                 noise_u: torch.Tensor | None, exclude_id: int | None, seed: int | None,
-                offset: int) -> tuple[torch.Size, int]:
+                offset: int | torch.Tensor) -> tuple[torch.Size, int]:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}.")
@@ -172,7 +177,7 @@ def head_confidence_argmax_ref(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference and CPU fast path of :func:`head_confidence_argmax`, in plain torch: per chunk of rows,
@@ -207,7 +212,7 @@ def head_confidence_argmax_ref(
             else:
                 # the kernel's counters: offset + row * V + v
                 rows = torch.arange(r0, r1, dtype=torch.int64, device=weight.device)[:, None] * vocab
-                u = philox_uniform64_at(seed, offset + rows + torch.arange(vocab, device=weight.device))
+                u = philox_uniform64_at(seed, offset_value(offset) + rows + torch.arange(vocab, device=weight.device))
             key = gumbel_key_ref(logits, temperature, u)
         if exclude_id is not None:
             key = key.clone() if key is logits else key
@@ -221,6 +226,31 @@ def head_confidence_argmax_ref(
     return x0.reshape(lead), conf.reshape(lead)
 
 
+# Launch configurations the CUDA path tunes over, per (N, V, H, NOISE) and dtype. Every BLOCK_V divides
+# _SPLIT_QUANTUM, so the vocabulary slices (and the partial buffers) do not depend on the config chosen.
+_SPLIT_QUANTUM = 256
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bn, bv, bk, w, st in (
+        (16, 128, 128, 4, 4), (16, 256, 64, 4, 3), (16, 64, 128, 4, 4),
+        (32, 128, 64, 4, 4), (32, 128, 128, 8, 3), (32, 256, 64, 8, 3),
+        (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
+    )
+]
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs: object) -> list:
+    # Row tiles much taller than the batch of rows only burn registers; keep the smallest one at least.
+    limit = max(16, next_pow2(int(named_args["N"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
+
+
+_head_confidence_argmax_tuned = triton.autotune(
+    configs=_TUNE_CONFIGS, key=["N", "V", "H", "NOISE"], prune_configs_by={"early_config_prune": _prune_configs},
+)(_head_confidence_argmax_kernel)
+
+
 def head_confidence_argmax_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -229,16 +259,19 @@ def head_confidence_argmax_triton(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
     num_splits: int | None = None,
     block_n: int | None = None,
-    block_v: int = 128,
+    block_v: int | None = None,
     block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`head_confidence_argmax` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Arguments as in :func:`head_confidence_argmax` (any strides), plus tile sizes (powers of two >= 16) and
-    ``num_splits``, which default to a heuristic. Returns ``x0`` [...] int64 and ``conf`` [...] in
+    ``num_splits`` (vocabulary slices per row). On CUDA with no tile size given, the tiles, ``num_warps`` and
+    ``num_stages`` are autotuned per (rows, V, H, noise mode, dtype): the first call of a shape benchmarks the
+    candidates, so make it outside any CUDA-graph capture. The interpreter, or any tile size given, runs one
+    fixed config (unset tiles default to a heuristic). Returns ``x0`` [...] int64 and ``conf`` [...] in
     ``weight.dtype``.
     """
     op = "head_confidence_argmax_triton"
@@ -255,23 +288,34 @@ def head_confidence_argmax_triton(
 
     temperature = float(temperature)
     u2 = noise_u.reshape(-1, vocab) if noise == 1 else h2
-    block_n = block_n or min(64, max(16, next_pow2(n_rows)))
-    block_k = block_k or min(64, max(16, next_pow2(width)))
-    for name, b in (("block_n", block_n), ("block_v", block_v), ("block_k", block_k)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{op}: {name} must be a power of two >= 16 (tl.dot's minimum), got {b}.")
-    row_programs = triton.cdiv(n_rows, block_n)
-    num_splits, tiles_per_split = plan_splits(op, triton.cdiv(vocab, block_v), row_programs, device, num_splits)
+    off = offset_pointer(offset, device) if noise == 2 else x0
+    interpreted = is_interpreted(_head_confidence_argmax_kernel)
+    tuned = not interpreted and block_n is None and block_v is None and block_k is None
+    nominal_n = block_n or min(64, max(16, next_pow2(n_rows)))
+    if not tuned:
+        block_n = nominal_n
+        block_v = block_v or 128
+        block_k = block_k or min(64, max(16, next_pow2(width)))
+        for name, b in (("block_n", block_n), ("block_v", block_v), ("block_k", block_k)):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"{op}: {name} must be a power of two >= 16 (tl.dot's minimum), got {b}.")
+    quantum = _SPLIT_QUANTUM if tuned else block_v
+    num_splits, tiles_per_split = plan_splits(op, triton.cdiv(vocab, quantum), triton.cdiv(n_rows, nominal_n), device,
+                                              num_splits)
     parts = alloc_partials(n_rows * num_splits, device)
-    _head_confidence_argmax_kernel[(row_programs, num_splits)](
-        h2, weight, u2, *parts,
-        n_rows, vocab, width, h2.stride(0), h2.stride(1), weight.stride(0), weight.stride(1),
-        u2.stride(0), u2.stride(1),
-        temperature, seed or 0, offset, -1 if exclude_id is None else exclude_id, tiles_per_split,
-        NOISE=noise, UNIT_T=temperature == 1.0, INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=weight.dtype == torch.bfloat16 and is_interpreted(_head_confidence_argmax_kernel),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4,
-    )
+    args = (h2, weight, u2, off, *parts,
+            n_rows, vocab, width, h2.stride(0), h2.stride(1), weight.stride(0), weight.stride(1),
+            u2.stride(0), u2.stride(1),
+            temperature, seed or 0, -1 if exclude_id is None else exclude_id, tiles_per_split * quantum)
+    modes = dict(NOISE=noise, UNIT_T=temperature == 1.0,
+                 INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+                 UPCAST_DOT=weight.dtype == torch.bfloat16 and interpreted)
+    if tuned:
+        _head_confidence_argmax_tuned[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), num_splits)](*args, **modes)
+    else:
+        _head_confidence_argmax_kernel[(triton.cdiv(n_rows, block_n), num_splits)](
+            *args, **modes, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=4,
+        )
     combine_partials(parts, num_splits, x0, conf)
     return x0.reshape(lead), conf.reshape(lead)
 
@@ -284,14 +328,17 @@ def head_confidence_argmax(
     exclude_id: int | None = None,
     *,
     seed: int | None = None,
-    offset: int = 0,
+    offset: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``confidence_argmax(F.linear(hidden, weight), ...)`` without writing the logits.
 
     ``hidden``: [..., H] and ``weight``: [V, H] (the bias-free output head), one float dtype.
     ``temperature``: 0 = greedy; > 0 = Gumbel-max with uniform noise, either ``noise_u`` [..., V] float64 or,
     with ``seed`` (int in [0, 2**63)), Philox noise drawn in the kernel for counters ``offset + flat index``
-    of the [..., V] logits. ``exclude_id``: a token id never chosen (default None). Returns ``x0`` [...]
+    of the [..., V] logits (:func:`~nemotron_fast.kernels.philox_uniform64_ref` rebuilds it). ``offset`` is an
+    int or an int64 one-element tensor on the weight's device, read at launch: advance it in place by
+    ``hidden rows * V`` after each call and a captured CUDA graph draws fresh noise on every replay.
+    ``exclude_id``: a token id never chosen (default None). Returns ``x0`` [...]
     int64 and ``conf`` [...] in ``weight.dtype``. Runs the Triton kernel on CUDA (or under the interpreter)
     and the chunked :func:`head_confidence_argmax_ref` otherwise.
     """

@@ -1,5 +1,10 @@
 """The select/unmask step of one denoise step: which masked positions of each row are revealed, written into the
-block in place. One launch per step and no host synchronisation, so the denoise loop never waits on the GPU.
+block in place, with no host synchronisation, so the denoise loop never waits on the GPU.
+
+One implementation per device: on CUDA the kernel of the ``nemotron_fast._C`` extension (``csrc/``), called
+through ``torch.ops.nemotron_fast.select_unmask`` (:mod:`nemotron_fast._ops`); everywhere else the vectorised
+torch twin :func:`select_unmask_ref`, which is also the ground truth and what the op runs on CUDA when the
+extension was not built.
 
 Per active row, only masked positions are candidates, ranked by confidence (descending) with ties to the
 lowest position, i.e. a stable descending sort; upstream's ``torch.topk`` leaves the tie order unspecified.
@@ -16,55 +21,10 @@ A revealed position gets ``block = x0`` and ``is_mask = False``. NaN confidences
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_launchable, check_same_device, next_pow2, use_triton
+from ._common import FLOAT_DTYPES, check_same_device
 
-__all__ = ["select_unmask", "select_unmask_triton", "select_unmask_ref", "round_threshold"]
-
-_MODE_THRESHOLD, _MODE_TOPK, _MODE_ALL = 0, 1, 2
-
-
-@triton.jit
-def _select_unmask_kernel(
-    x0_ptr, conf_ptr, block_ptr, is_mask_ptr, k_ptr, active_ptr, revealed_ptr,
-    L, stride_xb, stride_xl, stride_cb, stride_cl, stride_bb, stride_bl, stride_mb, stride_ml,
-    threshold,
-    MODE: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    # One program per row. A position's rank (candidates ahead of it) is counted against BLOCK_J positions at
-    # a time: a [BLOCK_L, BLOCK_J] comparison tile, one tile in all for the usual 32-token block.
-    b = tl.program_id(0).to(tl.int64)
-    pos = tl.arange(0, BLOCK_L)
-    ok = pos < L
-    row_active = True
-    if HAS_ACTIVE:
-        row_active = tl.load(active_ptr + b) != 0
-    cand = (tl.load(is_mask_ptr + b * stride_mb + pos * stride_ml, mask=ok, other=0) != 0) & row_active
-    if MODE == 2:
-        reveal = cand
-    else:
-        conf = tl.load(conf_ptr + b * stride_cb + pos * stride_cl, mask=ok, other=float("-inf")).to(tl.float32)
-        rank = tl.zeros((BLOCK_L,), tl.int32)
-        for j0 in range(0, L, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            j_ok = j < L
-            c_j = tl.load(conf_ptr + b * stride_cb + j * stride_cl, mask=j_ok, other=float("-inf")).to(tl.float32)
-            cand_j = (tl.load(is_mask_ptr + b * stride_mb + j * stride_ml, mask=j_ok, other=0) != 0) & row_active
-            # Candidate j outranks i when it is more confident, or as confident and earlier.
-            ahead = (c_j[None, :] > conf[:, None]) | ((c_j[None, :] == conf[:, None]) & (j[None, :] < pos[:, None]))
-            rank += tl.sum((cand_j[None, :] & ahead).to(tl.int32), axis=1)
-        if MODE == 0:
-            # conf and threshold are both exact in fp32, so this is the comparison in conf's dtype.
-            reveal = cand & ((rank == 0) | (conf >= threshold))
-        else:
-            reveal = cand & (rank < tl.load(k_ptr + b))
-    # Every read of is_mask above happens before these writes.
-    x0 = tl.load(x0_ptr + b * stride_xb + pos * stride_xl, mask=ok & reveal, other=0)
-    tl.store(block_ptr + b * stride_bb + pos * stride_bl, x0, mask=ok & reveal)
-    tl.store(is_mask_ptr + b * stride_mb + pos * stride_ml, tl.zeros((BLOCK_L,), tl.int1), mask=ok & reveal)
-    tl.store(revealed_ptr + b * L + pos, reveal, mask=ok)
+__all__ = ["select_unmask", "select_unmask_ref", "round_threshold"]
 
 
 def round_threshold(threshold: float, dtype: torch.dtype) -> float:
@@ -140,44 +100,6 @@ def select_unmask_ref(
     return reveal
 
 
-def select_unmask_triton(
-    x0: torch.Tensor,
-    conf: torch.Tensor,
-    block: torch.Tensor,
-    is_mask: torch.Tensor,
-    *,
-    threshold: float | None,
-    k: torch.Tensor | None = None,
-    active: torch.Tensor | None = None,
-    force_all: bool = False,
-    block_j: int | None = None,
-) -> torch.Tensor:
-    """Triton :func:`select_unmask` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); one program per
-    row. Arguments as in :func:`select_unmask`; ``block_j`` (a power of two) is the rank loop's step."""
-    op = "select_unmask_triton"
-    _check_args(op, x0, conf, block, is_mask, threshold, k, active, force_all)
-    check_launchable(_select_unmask_kernel, x0.device, op)
-    batch, length = x0.shape
-    revealed = torch.empty((batch, length), dtype=torch.bool, device=x0.device)
-    if batch == 0 or length == 0:
-        return revealed
-    mode = _MODE_ALL if force_all else (_MODE_TOPK if threshold is None else _MODE_THRESHOLD)
-    thr = round_threshold(threshold, conf.dtype) if mode == _MODE_THRESHOLD else 0.0
-    block_l = next_pow2(length)
-    # At most 4096 comparisons per step of the rank loop; 32-token blocks rank in a single step.
-    block_j = block_j or max(1, min(block_l, 4096 // block_l))
-    if block_j < 1 or block_j & (block_j - 1):
-        raise ValueError(f"{op}: block_j must be a power of two, got {block_j}.")
-    _select_unmask_kernel[(batch,)](
-        x0, conf, block, is_mask, k if mode == _MODE_TOPK else x0, x0 if active is None else active, revealed,
-        length, x0.stride(0), x0.stride(1), conf.stride(0), conf.stride(1), block.stride(0), block.stride(1),
-        is_mask.stride(0), is_mask.stride(1), thr,
-        MODE=mode, HAS_ACTIVE=active is not None, BLOCK_L=block_l, BLOCK_J=block_j,
-        num_warps=max(1, min(8, block_l * block_j // 1024)),
-    )
-    return revealed
-
-
 def select_unmask(
     x0: torch.Tensor,
     conf: torch.Tensor,
@@ -195,8 +117,12 @@ def select_unmask(
     unmasked positions are ignored). ``block``: [B, L] int64 current tokens, updated in place. ``is_mask``:
     [B, L] bool, updated in place. ``threshold``: float, or None to reveal ``k`` [B] (int64/int32) tokens per
     row. ``active``: [B] bool, rows that take part (default all). ``force_all``: reveal every mask (overrides
-    ``threshold`` and ``k``). Any strides. Returns ``revealed`` [B, L] bool (contiguous). Runs the Triton
-    kernel on CUDA (or under the interpreter) and :func:`select_unmask_ref` otherwise.
+    ``threshold`` and ``k``). Any strides. Returns ``revealed`` [B, L] bool (contiguous). CUDA tensors go to
+    ``torch.ops.nemotron_fast.select_unmask`` (the ``csrc/`` kernel), others to :func:`select_unmask_ref`.
     """
-    fn = select_unmask_triton if use_triton(_select_unmask_kernel, x0.device) else select_unmask_ref
-    return fn(x0, conf, block, is_mask, threshold=threshold, k=k, active=active, force_all=force_all)
+    if isinstance(x0, torch.Tensor) and x0.device.type == "cuda":
+        from nemotron_fast import _ops  # registers the op; imported here, as _ops imports this module
+
+        return _ops.select_unmask(x0, conf, block, is_mask, threshold=threshold, k=k, active=active,
+                                  force_all=force_all)
+    return select_unmask_ref(x0, conf, block, is_mask, threshold=threshold, k=k, active=active, force_all=force_all)

@@ -3,7 +3,8 @@
 The schema is defined here, once, so the op exists with or without the CUDA extension:
 
 - CPU: the torch reference ``select_unmask_ref``;
-- CUDA: the kernel of ``nemotron_fast._C`` (``csrc/``) when that extension was built, else the Triton kernel;
+- CUDA: the kernel of ``nemotron_fast._C`` (``csrc/``, built by ``setup.py`` for sm_80, sm_90 and compute_90
+  PTX); without the extension the same torch reference (sync-free on CUDA too), with a warning on first use;
 - Meta / FakeTensor: a fake implementation that only allocates ``revealed``, so the op traces under
   ``torch.compile`` and ``FakeTensorMode``.
 
@@ -14,10 +15,11 @@ freshly allocated ``revealed`` mask. Importing this module registers everything;
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
-from nemotron_fast.kernels.unmask import select_unmask_ref, select_unmask_triton
+from nemotron_fast.kernels.unmask import select_unmask_ref
 
 __all__ = ["SELECT_UNMASK_SCHEMA", "HAS_CUDA_EXTENSION", "CUDA_EXTENSION_ERROR", "select_unmask"]
 
@@ -50,11 +52,19 @@ def _select_unmask_cpu(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tensor
     return select_unmask_ref(x0, conf, block, is_mask, threshold=threshold, k=k, active=active, force_all=force_all)
 
 
-def _select_unmask_triton(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tensor, is_mask: torch.Tensor,
-                          k: torch.Tensor | None, active: torch.Tensor | None, threshold: float | None,
-                          force_all: bool = False) -> torch.Tensor:
-    return select_unmask_triton(x0, conf, block, is_mask, threshold=threshold, k=k, active=active,
-                                force_all=force_all)
+_warned = False
+
+
+def _select_unmask_cuda_twin(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tensor, is_mask: torch.Tensor,
+                             k: torch.Tensor | None, active: torch.Tensor | None, threshold: float | None,
+                             force_all: bool = False) -> torch.Tensor:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"nemotron_fast._C is not built ({CUDA_EXTENSION_ERROR}); select/unmask runs the torch twin "
+                      f"on CUDA. Build it with: NEMOTRON_FAST_FORCE_CUDA=1 pip install --no-deps "
+                      f"--no-build-isolation -e .", RuntimeWarning, stacklevel=3)
+    return _select_unmask_cpu(x0, conf, block, is_mask, k, active, threshold, force_all)
 
 
 def _select_unmask_fake(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tensor, is_mask: torch.Tensor,
@@ -71,7 +81,7 @@ def _select_unmask_fake(x0: torch.Tensor, conf: torch.Tensor, block: torch.Tenso
 
 _LIB.impl("select_unmask", _select_unmask_cpu, "CPU")
 if not HAS_CUDA_EXTENSION:
-    _LIB.impl("select_unmask", _select_unmask_triton, "CUDA")
+    _LIB.impl("select_unmask", _select_unmask_cuda_twin, "CUDA")
 torch.library.register_fake("nemotron_fast::select_unmask", _select_unmask_fake, lib=_LIB)
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_bench_parser", "add_bench_arguments", "PRESETS"]
+__all__ = ["add_bench_parser", "add_bench_arguments", "load_dispatch", "PRESETS"]
 
 PRESETS = ("full", "quick", "issue6", "modes")
 
@@ -77,12 +77,50 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--write-readme-table", nargs="?", type=Path, const=True, default=None, metavar="PATH",
                    help="write the Markdown results table (default path: benchmarks/README_TABLE.md)")
+    load = p.add_argument_group("load benchmark (--serve, benchmarks/load.py)",
+                                "a seeded open-loop client with Poisson arrivals against `nemotron-fast serve`, "
+                                "static vs continuous batching; also uses --models (default demo,tekken-h64), "
+                                "--max-tokens, --block-lengths, --thresholds, --device, --threads, --out, "
+                                "--no-plot, --history, --demo-model, --ckpt-dir")
+    load.add_argument("--serve", action="store_true",
+                      help="run the load benchmark against a server instead of the sampler matrix")
+    load.add_argument("--rates", type=_csv(float), default=None,
+                      help="comma list of offered loads in requests/s (default: 2,8,32)")
+    load.add_argument("--requests", type=int, default=None, help="requests per rate (default: 64)")
+    load.add_argument("--distinct", type=int, default=None,
+                      help="distinct requests the arrivals draw from, each checked against Pipeline.run (default: 24)")
+    load.add_argument("--seed", type=int, default=None, help="seed of the requests and arrival times (default: 0)")
+    load.add_argument("--batching", type=_csv(str), default=None,
+                      help="comma list of server batching modes: static, continuous (default: both)")
+    load.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: 16)")
+    load.add_argument("--clients", type=int, default=None,
+                      help="concurrent clients at which the continuous/static goal is judged (default: 16)")
+    load.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="model dtype of the server and of the expected answers (default: float32)")
+
+
+# options of the load benchmark only (refused without --serve)
+_LOAD_ONLY = ("rates", "requests", "distinct", "seed", "batching", "max_batch", "clients", "dtype")
 
 
 def _repo_root() -> Path | None:
     """The source checkout holding ``benchmarks/run.py`` next to this package, if there is one."""
     root = Path(__file__).resolve().parent.parent
     return root if (root / "benchmarks" / "run.py").is_file() else None
+
+
+def load_dispatch(args: argparse.Namespace) -> int | None:
+    """With ``--serve``: run the load benchmark (``benchmarks.load``) and return its exit status; 2 (with an
+    error) for load-benchmark options without ``--serve``; None when the sampler benchmark should run."""
+    if getattr(args, "serve", False):
+        import benchmarks.load as load
+
+        return load.run_from_bench_args(args)
+    given = [f"--{k.replace('_', '-')}" for k in _LOAD_ONLY if getattr(args, k, None) is not None]
+    if given:
+        print(f"error: {', '.join(given)} belong to the load benchmark (add --serve)", file=sys.stderr)
+        return 2
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,6 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     # the checkout first: an unrelated top-level ``benchmarks`` package elsewhere on the path must not win
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
+    status = load_dispatch(args)
+    if status is not None:
+        return status
     if args.preset == "modes" and not args.quick:
         import benchmarks.modes as modes
 

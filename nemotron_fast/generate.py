@@ -203,7 +203,9 @@ def generate(
         max_new_tokens: completion length cap; ``ceil(max_new_tokens / block_length)`` blocks are decoded.
         steps: total denoise steps (a multiple of the block count), or None for ``block_length`` per block.
         threshold: confidence threshold in [0, 1], or None for the even top-k schedule.
-        temperature: 0 for argmax; > 0 samples with float64 Gumbel noise drawn from ``seed``.
+        temperature: 0 for argmax; > 0 samples with Gumbel noise from ``seed``: on the CPU the float64 noise the
+            reference draws (so the two match exactly), on CUDA Philox noise generated inside the head kernel for
+            the denoise steps (a different stream of the same distribution).
         eos_token_id: id(s) that end a completion (default: the config's EOS ids).
         policy: opt-in departures from the reference (default: none).
         callback: called after each commit; returning False stops generation after that block.
@@ -420,15 +422,29 @@ class _StaticSteps(_Steps):
         self._denoise = sd.denoise_fn(buf, length, exclude_id=exclude_id, graphs=graphs)
         self._commit = sd.commit_fn(buf, length, graphs=graphs)
         self._denoise_noisy = None if graphs else self._eager_noisy
+        self._philox: tuple[int, torch.Tensor] | None = None
 
     def _eager_noisy(self, temperature: float, noise: NoiseSource) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoise step at T > 0. On CUDA the Gumbel noise is Philox, generated inside the head kernel from
+        the call's seed and a device-side counter (no float64 noise drawn on the host and copied); elsewhere it
+        is the injected float64 noise the reference draws, so the two can be compared exactly."""
         b, n = self.block.shape
         m = self.model
         hidden = m.forward_hidden(m.embed(self.block), cache=self.buf.cache, starts=self.buf.starts,
                                   mode="diffusion")
-        u = noise.uniform((b, n, m.config.vocab_size), self.block.device)
-        tok, c = head_confidence_argmax(hidden.view(b * n, -1), m.diffusion_head.weight, noise_u=u.view(b * n, -1),
-                                        temperature=temperature, exclude_id=self.exclude_id)
+        flat = hidden.view(b * n, -1)
+        if self.block.is_cuda:
+            if self._philox is None:
+                self._philox = (int(noise.generator.initial_seed()) & (2**63 - 1),
+                                torch.zeros(1, dtype=torch.int64, device=self.block.device))
+            seed, offset = self._philox
+            tok, c = head_confidence_argmax(flat, m.diffusion_head.weight, temperature=temperature,
+                                            exclude_id=self.exclude_id, seed=seed, offset=offset)
+            offset.add_(b * n * m.config.vocab_size)
+        else:
+            u = noise.uniform((b, n, m.config.vocab_size), self.block.device)
+            tok, c = head_confidence_argmax(flat, m.diffusion_head.weight, noise_u=u.view(b * n, -1),
+                                            temperature=temperature, exclude_id=self.exclude_id)
         is_mask = self.block == m.config.mask_token_id
         return (torch.where(is_mask, tok.view(b, n), self.block),
                 torch.where(is_mask, c.view(b, n).to(m.dtype), float("-inf")))

@@ -213,6 +213,19 @@ def test_cuda_graphs_match_the_reference(ckpt_factory, case: Case) -> None:
     assert (eager.completion_ids, eager.nfe) == (ref.completion_ids, ref.nfe)
 
 
+@pytest.mark.requires_gpu
+def test_cuda_sampling_uses_in_kernel_philox_noise(ckpt_factory) -> None:
+    """At T > 0 on CUDA the denoise steps draw Philox noise in the head kernel: a seed reproduces its tokens,
+    another seed changes them, and greedy decoding is unaffected."""
+    model = nemotron_fast.load(ckpt_factory(vlm=False, vocab="small", seed=5, head_scale=2.0), device="cuda")
+    ids = text_prompt(model.config, 3, 9).cuda()
+    kw = dict(max_new_tokens=32, block_length=8, steps=4 * 4, threshold=0.5, temperature=1.0)
+    a = nemotron_fast.generate(model, ids, seed=1, **kw)
+    assert nemotron_fast.generate(model, ids, seed=1, **kw).completion_ids == a.completion_ids
+    assert nemotron_fast.generate(model, ids, seed=2, **kw).completion_ids != a.completion_ids
+    assert a.forwards == a.nfe + 1
+
+
 @pytest.mark.parametrize("gpu_style", [False, True])
 def test_step_events_replay_the_trace_and_the_blocks(models, gpu_style: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``on_step`` reports every denoise step (its reveals equal the trace, its tokens the final tokens) and

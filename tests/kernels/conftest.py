@@ -24,7 +24,7 @@ KERNEL_MODULES = (
     "nemotron_fast.kernels.confidence",
     "nemotron_fast.kernels.head_confidence",
     "nemotron_fast.kernels.unmask",
-    "nemotron_fast.kernels.kv_write",
+    "nemotron_fast.kernels.block_attention",
     "nemotron_fast.kernels",
 )
 

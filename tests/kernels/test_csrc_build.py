@@ -1,8 +1,10 @@
-"""csrc/: the CUDA kernel compiles for sm_90 with plain nvcc (no torch headers), the torch glue passes a syntax
-check against the installed torch headers, and the glue's C++ signature follows the Python-defined schema."""
+"""csrc/: the CUDA kernel compiles with plain nvcc (no torch headers) for every architecture setup.py names (sm_80,
+sm_90 and compute_90 PTX), the torch glue passes a syntax check against the installed torch headers, and the glue's
+C++ signature follows the Python-defined schema."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -17,6 +19,15 @@ from nemotron_fast import _ops
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
+SETUP = CSRC.parent / "setup.py"
+
+
+def _setup_arch_flags() -> list[str]:
+    # setup.py runs setup() on import, so read its NVCC_ARCH_FLAGS literal instead.
+    for node in ast.parse(SETUP.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NVCC_ARCH_FLAGS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no NVCC_ARCH_FLAGS")
 
 
 def _nvcc() -> str | None:
@@ -51,16 +62,33 @@ def test_cuda_kernel_needs_no_torch_headers():
         assert not [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10")], (path.name, includes)
 
 
+def test_setup_builds_sm80_sm90_and_compute90_ptx():
+    flags = _setup_arch_flags()
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+    assert '"nvcc": ["-O3", *NVCC_ARCH_FLAGS]' in SETUP.read_text()
+
+
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
-def test_nvcc_compiles_for_sm90(cu, tmp_path):
+def test_nvcc_compiles_for_every_setup_arch(cu, tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found on PATH, in CUDA_HOME or /usr/local/cuda")
-    cmd = [nvcc, "-c", "-arch=sm_90", "-O3", "-std=c++17", "-Werror", "all-warnings", "-I", str(CSRC),
-           str(cu), "-o", str(tmp_path / f"{cu.stem}.o")]
+    cmd = [nvcc, "-c", *_setup_arch_flags(), "-O3", "-std=c++17", "-Werror", "all-warnings", "-I", str(CSRC),
+           str(cu), "-o", str(tmp_path / f"{cu.stem}.o"), "--keep", "--keep-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / f"{cu.stem}.o").stat().st_size > 0
+    # machine code for both architectures, and the PTX that goes into the fatbinary targets sm_90
+    assert (tmp_path / f"{cu.stem}.compute_80.cubin").stat().st_size > 0
+    assert (tmp_path / f"{cu.stem}.compute_90.sm_90.cubin").stat().st_size > 0
+    ptx = (tmp_path / f"{cu.stem}.compute_90.ptx").read_text()
+    assert re.search(r"^\.target\s+sm_90\b", ptx, re.M), ptx[:400]
+    assert "select_unmask_kernel" in ptx
+    # what nvcc packs into the object's fatbinary: sm_80 and sm_90 ELF images plus sm_90 PTX, nothing else
+    dry = subprocess.run([*cmd[:-3], "--dryrun"], capture_output=True, text=True, timeout=120)
+    images = sorted(set(re.findall(r"image3=kind=(elf|ptx),sm=(\d+)", dry.stdout + dry.stderr)))
+    assert images == [("elf", "80"), ("elf", "90"), ("ptx", "90")], images
 
 
 @pytest.mark.slow

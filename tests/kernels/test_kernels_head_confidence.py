@@ -195,3 +195,66 @@ def test_real_head_size_on_gpu(dtype):
         x0, conf = head_confidence_argmax_triton(hidden, weight, temperature, u)
         assert torch.equal(x0, expected[0])
         assert_conf_close(conf.cpu(), expected[1].cpu())
+
+
+def test_tensor_offset_is_read_at_launch(device):
+    # An int64 device offset gives the int offset's draw, and advancing it in place moves the draw (what a
+    # replayed CUDA graph relies on).
+    hidden, weight, _ = _integer_problem(5, 300, 24, torch.float32, seed=8)
+    hidden, weight = hidden.to(device), weight.to(device)
+    seed = 77
+    offset = torch.tensor([40], dtype=torch.int64, device=device)
+    for _ in range(2):
+        at = int(offset.item())
+        expected = _ground_truth(hidden.cpu(), weight.cpu(), 0.9, philox_uniform64_ref(seed, at, (5, 300)))
+        x0, _ = head_confidence_argmax_triton(hidden, weight, 0.9, seed=seed, offset=offset, num_splits=2,
+                                              block_v=64)
+        assert torch.equal(x0.cpu(), expected[0])
+        assert torch.equal(x0.cpu(), head_confidence_argmax_ref(hidden.cpu(), weight.cpu(), 0.9, seed=seed,
+                                                                offset=offset.cpu())[0])
+        offset.add_(5 * 300)
+    with pytest.raises(ValueError, match="offset tensor must be int64"):
+        head_confidence_argmax_triton(hidden, weight, 0.9, seed=seed, offset=offset.int())
+
+
+def test_philox_gumbel_samples_softmax_over_t(device):
+    # In-kernel Philox noise, fixed seed: the chosen-token frequencies of 3000 identical rows follow
+    # softmax(logits / T) (chi-square, 5 dof, cut at p ~ 1e-4). Deterministic: the draw is a function of the seed.
+    temperature, draws = 0.8, 3000
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, 1.0])
+    weight = torch.zeros(6, 16)
+    weight[:, 0] = logits
+    hidden = torch.zeros(draws, 16)
+    hidden[:, 0] = 1.0  # every row's logits are exactly ``logits``
+    x0, _ = head_confidence_argmax_triton(hidden.to(device), weight.to(device), temperature, seed=2024, offset=0,
+                                          num_splits=1, block_n=64, block_v=16, block_k=16)
+    counts = torch.bincount(x0.cpu(), minlength=6).double()
+    expected = torch.softmax(logits.double() / temperature, -1) * draws
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 25.7, f"chi-square {chi2:.1f}: counts {counts.tolist()} vs expected {expected.tolist()}"
+    # the same noise injected gives the same tokens
+    u = philox_uniform64_ref(2024, 0, (draws, 6))
+    assert torch.equal(x0.cpu(), _ground_truth(hidden, weight, temperature, u)[0])
+
+
+def test_tuned_configs_share_one_vocabulary_split():
+    for cfg in mod._TUNE_CONFIGS:
+        kw = cfg.kwargs
+        assert mod._SPLIT_QUANTUM % kw["BLOCK_V"] == 0, kw
+        assert all(b >= 16 and b & (b - 1) == 0 for b in (kw["BLOCK_N"], kw["BLOCK_V"], kw["BLOCK_K"])), kw
+    small = mod._prune_configs(mod._TUNE_CONFIGS, {"N": 1})
+    assert small and all(c.kwargs["BLOCK_N"] == 16 for c in small)
+    assert len(mod._prune_configs(mod._TUNE_CONFIGS, {"N": 4096})) == len(mod._TUNE_CONFIGS)
+
+
+@pytest.mark.requires_gpu
+@pytest.mark.parametrize("rows", [1, 32, 256])
+def test_autotuned_launch_matches_ground_truth_on_gpu(rows):
+    hidden, weight, _ = _integer_problem(rows, 131072, 4096, torch.bfloat16, seed=9)
+    hidden, weight = hidden.cuda(), weight.cuda()
+    for kwargs in (dict(temperature=0.0), dict(temperature=0.7, seed=5, offset=11)):
+        u = philox_uniform64_ref(5, 11, (rows, 131072), "cuda") if kwargs["temperature"] else None
+        expected = _ground_truth(hidden, weight, kwargs["temperature"], u)
+        x0, conf = head_confidence_argmax_triton(hidden, weight, **kwargs)
+        assert torch.equal(x0, expected[0])
+        assert_conf_close(conf.cpu(), expected[1].cpu())

@@ -1,4 +1,5 @@
-"""select_unmask: the Triton kernel and the vectorised reference vs a per-row Python oracle, all exact."""
+"""select_unmask: the vectorised reference (the CPU path) and, on a GPU, the dispatcher's CUDA path (the csrc/
+kernel through torch.ops) vs a per-row Python oracle, all exact."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import pytest
 import torch
 
 from nemotron_fast.kernels import unmask as mod
-from nemotron_fast.kernels._common import is_interpreted
-from nemotron_fast.kernels.unmask import round_threshold, select_unmask, select_unmask_ref, select_unmask_triton
+from nemotron_fast.kernels.unmask import round_threshold, select_unmask, select_unmask_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 7), (2, 32), (3, 40)]
@@ -76,22 +76,10 @@ def test_kernel_and_ref_match_the_oracle(device, poison, dtype, batch, length, p
     threshold = None if policy in (None, "force_all") else policy
     expected = _oracle(x0, conf, block, is_mask, threshold, k, active, policy == "force_all")
     _assert_same(_run(select_unmask_ref, "cpu", x0, conf, block, is_mask, policy, k, active), expected)
-    _assert_same(_run(select_unmask_triton, device, x0, conf, block, is_mask, policy, k, active, poison), expected)
+    _assert_same(_run(select_unmask, device, x0, conf, block, is_mask, policy, k, active, poison), expected)
 
 
-@pytest.mark.parametrize("policy", [None, 0.5, 1.0], ids=str)
-@pytest.mark.parametrize("block_j", [1, 4, 16])
-def test_rank_loop_in_several_steps(device, policy, block_j):
-    x0, conf, block, is_mask, k, active = _problem(3, 40, torch.bfloat16, seed=8)
-    threshold = None if policy is None else policy
-    expected = _oracle(x0, conf, block, is_mask, threshold, k, active, False)
-    b, m = block.clone().to(device), is_mask.clone().to(device)
-    revealed = select_unmask_triton(x0.to(device), conf.to(device), b, m, threshold=threshold, k=k.to(device),
-                                    active=active.to(device), block_j=block_j)
-    _assert_same((revealed.cpu(), b.cpu(), m.cpu()), expected)
-
-
-@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask_triton], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask], ids=lambda f: f.__name__)
 def test_bf16_threshold_rounds_like_upstream(device, fn):
     # conf 0.8984375 = bf16(0.9): revealed at threshold 0.9 in bf16, not in fp32 (fp32(0.9) > 0.8984375).
     dev = "cpu" if fn is select_unmask_ref else device
@@ -105,7 +93,7 @@ def test_bf16_threshold_rounds_like_upstream(device, fn):
         assert block[0].tolist() == [7, 8 if expected[1] else 100, 100]
 
 
-@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask_triton], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask], ids=lambda f: f.__name__)
 def test_forced_top1_is_the_lowest_of_equal_confidences(device, fn):
     dev = "cpu" if fn is select_unmask_ref else device
     conf = torch.tensor([[0.3, 0.7, 0.2, 0.7, 0.7]])
@@ -115,7 +103,7 @@ def test_forced_top1_is_the_lowest_of_equal_confidences(device, fn):
     assert revealed[0].tolist() == [False, False, False, True, False]
 
 
-@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask_triton], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask], ids=lambda f: f.__name__)
 def test_top_k_edges(device, fn):
     dev = "cpu" if fn is select_unmask_ref else device
     conf = torch.tensor([[0.5, 0.9, 0.5, 0.1], [0.5, 0.9, 0.5, 0.1], [0.5, 0.9, 0.5, 0.1], [0.2, 0.2, 0.2, 0.2]])
@@ -132,7 +120,7 @@ def test_top_k_edges(device, fn):
     assert torch.equal(block, torch.where(revealed, 5, 0))
 
 
-@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask_triton], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [select_unmask_ref, select_unmask], ids=lambda f: f.__name__)
 def test_inactive_rows_are_untouched(device, fn):
     dev = "cpu" if fn is select_unmask_ref else device
     x0, conf, block, is_mask, k, _ = _problem(3, 9, torch.float32, seed=3)
@@ -155,7 +143,7 @@ def test_strided_views_are_updated_in_place(device, dtype):
     seq, mask_seq = seq.to(device), mask_seq.to(device)
     conf_t = conf.t().contiguous().to(device).t()
     x0_s = torch.stack([x0, x0], -1).to(device)[..., 0]
-    revealed = select_unmask_triton(x0_s, conf_t, seq[:, 5:12], mask_seq[:, 5:12], threshold=0.5,
+    revealed = select_unmask(x0_s, conf_t, seq[:, 5:12], mask_seq[:, 5:12], threshold=0.5,
                                     active=active.to(device))
     _assert_same((revealed.cpu(), seq[:, 5:12].cpu(), mask_seq[:, 5:12].cpu()), expected)
     assert not seq[:, :5].any() and not seq[:, 12:].any() and not mask_seq[:, 12:].any()
@@ -165,7 +153,7 @@ def test_no_k_needed_with_threshold_or_force_all(device):
     x0, conf, block, is_mask, _, _ = _problem(2, 5, torch.float32)
     for kwargs in (dict(threshold=0.5), dict(threshold=None, force_all=True)):
         outs = []
-        for fn in (select_unmask_ref, select_unmask_triton):
+        for fn in (select_unmask_ref, select_unmask):
             dev = "cpu" if fn is select_unmask_ref else device
             b, m = block.clone().to(dev), is_mask.clone().to(dev)
             outs.append((fn(x0.to(dev), conf.to(dev), b, m, **kwargs).cpu(), b.cpu(), m.cpu()))
@@ -174,16 +162,19 @@ def test_no_k_needed_with_threshold_or_force_all(device):
             assert not outs[0][2].any()
 
 
-def test_dispatcher_routes_by_device_and_interpreter(monkeypatch):
+def test_dispatcher_routes_cpu_to_the_reference_and_cuda_to_the_op(monkeypatch):
+    from nemotron_fast import _ops
+
     monkeypatch.setattr(mod, "select_unmask_ref", lambda *a, **kw: "ref")
-    monkeypatch.setattr(mod, "select_unmask_triton", lambda *a, **kw: "triton")
+    monkeypatch.setattr(_ops, "select_unmask", lambda *a, **kw: "op")
     args = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long),
             torch.zeros(1, 2, dtype=torch.bool))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no Triton kernel here: the interpreter changes nothing
     assert select_unmask(*args, threshold=0.5) == "ref"
-    if is_interpreted(mod._select_unmask_kernel):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert select_unmask(*args, threshold=0.5) == "triton"
+    meta = tuple(t.to("meta") for t in args)
+    assert select_unmask(*meta, threshold=0.5) == "ref"
+    if torch.cuda.is_available():
+        assert select_unmask(*(t.cuda() for t in args), threshold=0.5) == "op"
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -202,7 +193,7 @@ def test_invalid_arguments_raise_a_sentence(bad, match):
                 block=torch.zeros(2, 3, dtype=torch.long), is_mask=torch.zeros(2, 3, dtype=torch.bool),
                 threshold=0.5) | bad
     tensors = [args.pop(name) for name in ("x0", "conf", "block", "is_mask")]
-    for fn in (select_unmask_ref, select_unmask_triton):
+    for fn in (select_unmask_ref, select_unmask):
         with pytest.raises((ValueError, TypeError), match=match):
             fn(*tensors, **args)
 
@@ -212,4 +203,4 @@ def test_invalid_arguments_raise_a_sentence(bad, match):
 def test_large_batch_on_gpu(policy):
     x0, conf, block, is_mask, k, active = _problem(256, 32, torch.bfloat16, seed=5)
     expected = _run(select_unmask_ref, "cpu", x0, conf, block, is_mask, policy, k, active)
-    _assert_same(_run(select_unmask_triton, "cuda", x0, conf, block, is_mask, policy, k, active), expected)
+    _assert_same(_run(select_unmask, "cuda", x0, conf, block, is_mask, policy, k, active), expected)

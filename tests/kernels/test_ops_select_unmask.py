@@ -97,7 +97,7 @@ def test_traces_under_torch_compile():
 @pytest.mark.requires_gpu
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 def test_cuda_op_matches_the_reference(policy):
-    # The CUDA kernel of nemotron_fast._C when it was built, else the Triton kernel.
+    # The CUDA kernel of nemotron_fast._C when it was built, else the torch twin (with a warning).
     x0, conf, block, is_mask, k, active = _problem(batch=3, length=40, seed=3)
     b_ref, m_ref = block.clone(), is_mask.clone()
     expected = select_unmask_ref(x0, conf, b_ref, m_ref, k=k, active=active, **_kwargs(policy))
