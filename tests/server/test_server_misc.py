@@ -87,6 +87,23 @@ def test_oversized_body_is_413(start_server: Any) -> None:
     assert httpx.post(f"{server.url}/queue/{APP}", json=BODY).status_code == 200
 
 
+def test_chunked_body_over_the_cap_is_413(start_server: Any) -> None:
+    server = start_server(FakePipeline(), max_body_bytes=2000)
+    big = json.dumps({**BODY, "prompt": "x" * 3000}).encode()
+    def chunks(data: bytes):  # no Content-Length: httpx sends a generator with Transfer-Encoding: chunked
+        for i in range(0, len(data), 500):
+            yield data[i:i + 500]
+
+    for path in (f"/queue/{APP}", f"/{APP}", "/files/upload", "/v1/chat/completions"):
+        r = httpx.post(f"{server.url}{path}", content=chunks(big), headers={"content-type": "application/json"})
+        assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+        assert r.status_code == 413 and r.headers["content-type"] == "application/json", (path, r.text)
+        assert r.json()["detail"] == "Request body larger than 2000 bytes"
+    small = json.dumps(BODY).encode()
+    r = httpx.post(f"{server.url}/queue/{APP}", content=chunks(small), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["status"] == "IN_QUEUE"
+
+
 def test_results_expire_after_ttl(start_server: Any) -> None:
     server = start_server(FakePipeline(), result_ttl=0.5, housekeeping_interval=0.1)
     with httpx.Client(base_url=server.url) as c:
