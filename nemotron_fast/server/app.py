@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__, errors
 from .openai_compat import build_openai_router
-from .routes import build_queue_router
+from .routes import build_queue_router, error_detail
 from .service import ServerConfig, Service
 from .storage import build_storage_router
 from .worker import PipelineLike
@@ -148,15 +148,7 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = []
-        for err in exc.errors():
-            # ``input`` may echo a megabyte data URI or a non-JSON object; ``ctx`` may hold exceptions.
-            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
-            if "ctx" in err:
-                item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                               for k, v in err["ctx"].items()}
-            detail.append(item)
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": error_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

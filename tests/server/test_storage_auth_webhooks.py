@@ -80,9 +80,13 @@ def test_signed_webhook_with_retries(start_server: Any) -> None:
             sub = c.post(f"/queue/{APP}", json=BODY, params={"fal_webhook": receiver.url}).json()
             bad = c.post(f"/queue/{APP}", json={**BODY, "image_url": "data:image/png;base64,@@"},
                          params={"fal_webhook": receiver.url}).json()
+            invalid = c.post(f"/queue/{APP}", json={"image_url": BODY["image_url"]},
+                             params={"fal_webhook": receiver.url})
+            assert invalid.status_code == 200  # accepted as on the hosted queue; it fails with a 422
+            invalid = invalid.json()
             jwks = c.get("/.well-known/jwks.json").json()
-        deliveries = receiver.wait(2)
-        assert receiver.attempts == 4  # two refused, both retried
+        deliveries = receiver.wait(3)
+        assert receiver.attempts == 5  # two refused, both retried
         by_id = {json.loads(body)["request_id"]: (headers, body) for headers, body, _ in deliveries}
         headers, body = by_id[sub["request_id"]]
         doc = json.loads(body)
@@ -95,6 +99,11 @@ def test_signed_webhook_with_retries(start_server: Any) -> None:
         doc = json.loads(body)
         assert doc["status"] == "ERROR" and doc["error"] == "Invalid status code: 422"
         assert doc["payload"]["detail"][0]["loc"] == ["body", "image_url"] and verify_signature(jwks, headers, body)
+        headers, body = by_id[invalid["request_id"]]
+        doc = json.loads(body)
+        assert doc["status"] == "ERROR" and doc["error"] == "Invalid status code: 422"
+        assert doc["payload"]["detail"][0]["loc"] == ["body", "prompt"] and doc["payload"]["detail"][0]["type"] == \
+            "missing" and verify_signature(jwks, headers, body)
         assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
         assert server.service.store.webhook_state(sub["request_id"])[0] == "delivered"
     finally:
