@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -70,6 +72,44 @@ def test_own_uploads_bypass_private_url_check(start_server: Any, fal: Any) -> No
     with pytest.raises(Exception) as info:  # any other loopback URL is refused
         client.run(APP, {**BODY, "image_url": f"{server.url}/health"})
     assert info.value.status_code == 422
+
+
+def test_own_upload_is_read_from_disk_only_on_its_own_origin(start_server: Any) -> None:
+    server = start_server(FakePipeline(), allow_private_urls=False)
+    with httpx.Client(base_url=server.url) as c:
+        url = c.post("/files/upload", content=b"image-bytes", headers={"Content-Type": "image/png"}).json()
+        url = url["access_url"]
+        assert url.startswith(f"{server.url}/files/")
+        files = server.service.files
+        path = files.resolve_url(url)
+        assert path is not None and Path(path).read_bytes() == b"image-bytes"
+        assert files.resolve_url(url.replace("http://", "HTTP://")) == path  # scheme and host are case-free
+        suffix = url[len(server.url):]
+        for other in (f"http://localhost:{server.port}{suffix}", f"https://127.0.0.1:{server.port}{suffix}",
+                      f"http://example.com{suffix}", f"http://127.0.0.1:{server.port}/prefix{suffix}"):
+            assert files.resolve_url(other) is None, other
+        # the same file under another host is fetched like any URL, and loopback is refused without the flag
+        r = c.post(f"/{APP}", json={**BODY, "image_url": f"http://localhost:{server.port}{suffix}"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image_url"]
+        assert c.post(f"/{APP}", json={**BODY, "image_url": url, "max_tokens": 20}).json()["output"] == \
+            "echo: hello [11]"
+
+
+def test_uploads_are_written_off_the_event_loop(fake_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = fake_server.service.files
+    threads: list[threading.Thread] = []
+    real_write = type(files).write
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(files), "write", spy)
+    with httpx.Client(base_url=fake_server.url) as c:
+        assert c.post("/files/upload", content=b"raw").status_code == 200
+        init = c.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
+        assert c.put(init["upload_url"], content=b"put").status_code == 200
+    assert len(threads) == 2 and all(t is not fake_server.thread for t in threads)  # the loop's thread
 
 
 def test_signed_webhook_with_retries(start_server: Any) -> None:
