@@ -102,7 +102,11 @@ def test_cancel_queued_running_done_unknown(start_server: Any) -> None:
         r = c.put(queued["cancel_url"])
         assert (r.status_code, r.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
         pipe.gate.set()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while not any(e["message"].startswith("Block") for e in
+                      c.get(running["status_url"], params={"logs": "true"}).json()["logs"]):
+            assert time.monotonic() < deadline, "no block was committed"
+            time.sleep(0.02)
         r = c.put(running["cancel_url"])
         assert r.status_code == 202
         done = wait_done(c, running["status_url"])

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -117,15 +118,29 @@ def test_results_expire_after_ttl(start_server: Any) -> None:
 
 
 def test_sync_client_disconnect_cancels_generation(start_server: Any) -> None:
-    pipe = FakePipeline(block_delay=0.05)
+    pipe = FakePipeline()
+    pipe.gate.clear()  # generation waits at its first block until the client is gone
     server = start_server(pipe)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/{APP}", json={**BODY, "max_tokens": 400, "block_length": 4}, timeout=0.5)
     store = server.service.store
-    deadline = time.monotonic() + 10
-    while store.counts().get("done", 0) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def wait_for(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    body = json.dumps({**BODY, "max_tokens": 400, "block_length": 4}).encode()
+    head = (f"POST /{APP} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + body)
+        wait_for(lambda: store.counts().get("running", 0) == 1, "the request did not start")
+    with sqlite3.connect(store.path) as db:
+        (request_id,), = db.execute("SELECT id FROM requests").fetchall()
+    # the client is gone while its request runs: the server cancels it at the next block
+    wait_for(lambda: store.cancel_requested(request_id), "the disconnect was not noticed")
+    pipe.gate.set()
+    wait_for(lambda: store.counts().get("done", 0) == 1, "the request did not finish")
     with sqlite3.connect(store.path) as db:
         rows = db.execute("SELECT kind, error_type FROM requests").fetchall()
     assert rows == [("sync", "request_cancelled")]
