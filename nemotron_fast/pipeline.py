@@ -65,9 +65,15 @@ class Pipeline:
                    sampler=sampler, policy=policy, **limits)
 
     # ---- schema ---------------------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """The model's context length (``max_position_embeddings``): prompt plus padded completion must fit."""
+        return int(self.model.config.text.max_position_embeddings)
+
     def validate(self, inputs: dict[str, Any]) -> RequestParams:
-        """Apply the schema's rules without any I/O; raises :class:`InputValidationError`."""
-        return validate_inputs(inputs)
+        """Apply the schema's rules, with ``max_tokens`` and ``block_length`` bounded by the model's context
+        length, without any I/O; raises :class:`InputValidationError`."""
+        return validate_inputs(inputs, max_context=self.max_context)
 
     def _generate(self, input_ids: Any, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
                   p: RequestParams, policy: SamplingPolicy,
@@ -90,26 +96,37 @@ class Pipeline:
         return generate(self.model, input_ids, pixel_values, image_sizes, policy=policy, callback=callback, **kw)
 
     # ---- one request ------------------------------------------------------------------------------------------
-    def _prepare(self, inputs: dict[str, Any], allow_private_urls: bool) -> tuple[RequestParams, Any, dict]:
+    def _prepare(self, inputs: dict[str, Any], allow_private_urls: bool,
+                 allow_local_files: bool) -> tuple[RequestParams, Any, dict]:
         from .processing import load_image
 
         p = self.validate(inputs)
         t0 = time.perf_counter()
-        image = load_image(p.image_url, allow_private=allow_private_urls, **self.image_limits)
+        image = load_image(p.image_url, allow_private=allow_private_urls, allow_local_files=allow_local_files,
+                           **self.image_limits)
         t1 = time.perf_counter()
         if not self.model.config.is_vlm:
             raise InputValidationError.single("image_url", "this checkpoint is a text model and takes no image")
         proc = self.processor.build_inputs(p.prompt, [image], **self.prompt_options)
+        needed = proc.num_prompt_tokens + p.num_blocks * p.block_length
+        if needed > self.max_context:
+            raise InputValidationError.single(
+                "max_tokens", f"the prompt ({proc.num_prompt_tokens} tokens, image included) plus the completion in "
+                f"whole blocks ({p.num_blocks} x {p.block_length}) needs {needed} positions, more than the model's "
+                f"context length of {self.max_context}", "value_error", p.max_tokens)
         t2 = time.perf_counter()
         return p, proc, {"image_validation_time": t1 - t0, "preprocessing_time": t2 - t1}
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = False,
+            allow_local_files: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Run one request. ``on_progress(text_so_far)`` is called after each committed block;
-        ``should_cancel()`` is polled after each block and raises :class:`Cancelled` when it returns True."""
+        ``should_cancel()`` is polled after each block and raises :class:`Cancelled` when it returns True.
+
+        The image input is untrusted by default: a URL whose host resolves to a private, loopback, link-local or
+        reserved address is refused unless ``allow_private_urls``, and a local path unless ``allow_local_files``."""
         t_start = time.perf_counter()
-        p, proc, timings = self._prepare(inputs, allow_private_urls)
+        p, proc, timings = self._prepare(inputs, allow_private_urls, allow_local_files)
         if log:
             log(f"prompt: {proc.num_prompt_tokens} tokens; " + (
                 f"{p.num_blocks} blocks of {p.block_length}, {p.steps_per_block} steps each" if p.mode == "diffusion"
@@ -150,16 +167,18 @@ class Pipeline:
         return _output(text, proc.num_prompt_tokens, result.completion_ids[0], result.nfe, timings)
 
     # ---- many requests ------------------------------------------------------------------------------------------
-    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
+    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,
+                  allow_local_files: bool = False,
                   should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]:
         """Run several requests as batched generations (rows grouped by equal parameters, ``per_row_eos`` so each
-        row's result equals running it alone). A row's error is returned in its slot, never raised."""
+        row's result equals running it alone). A row's error is returned in its slot, never raised. Image inputs
+        are checked as in :meth:`run`."""
         out: list[dict[str, Any] | Exception] = [RuntimeError("not run")] * len(inputs)
         prepared: dict[tuple, list[tuple[int, RequestParams, Any, dict, float]]] = {}
         for i, inp in enumerate(inputs):
             t_start = time.perf_counter()
             try:
-                p, proc, timings = self._prepare(inp, allow_private_urls)
+                p, proc, timings = self._prepare(inp, allow_private_urls, allow_local_files)
             except Exception as exc:  # each row's failure is that row's answer
                 out[i] = exc
                 continue

@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from .. import __version__, errors
 from .openai_compat import build_openai_router
-from .routes import build_queue_router
+from .routes import build_queue_router, error_detail
 from .service import ServerConfig, Service
 from .storage import build_storage_router
 from .worker import PipelineLike
@@ -45,8 +45,20 @@ def _public_path(method: str, path: str) -> bool:
     return method == "PUT" and path.startswith("/storage/upload/")
 
 
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body (declared or chunked) has passed the cap; answered with a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"Request body larger than {limit} bytes")
+
+
 class GuardMiddleware:
-    """Pure ASGI middleware: rejects oversized bodies (413) and, with an API key, unauthenticated calls (401)."""
+    """Pure ASGI middleware: rejects oversized bodies (413) and, with an API key, unauthenticated calls (401).
+
+    A declared ``Content-Length`` over the cap is refused before the app runs; a body without one (chunked) is
+    counted as it streams in, and the read that passes the cap raises :class:`BodyTooLarge` (FastAPI re-raises
+    an ``HTTPException`` from body parsing, and routes that stream the body see it too), so the app never holds
+    more than the cap."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, cdn_token: str, max_body_bytes: int) -> None:
         self.app = app
@@ -75,7 +87,29 @@ class GuardMiddleware:
                 await _send_json(send, 401, {"detail": "Invalid or missing API key: send 'Authorization: Key <key>'"},
                                  extra=[(b"www-authenticate", b'Key realm="nemotron-fast"')])
                 return
-        await self.app(scope, receive, send)
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _send_json(send, 413, {"detail": exc.detail})
 
 
 async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any],
@@ -114,15 +148,7 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = []
-        for err in exc.errors():
-            # ``input`` may echo a megabyte data URI or a non-JSON object; ``ctx`` may hold exceptions.
-            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
-            if "ctx" in err:
-                item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                               for k, v in err["ctx"].items()}
-            detail.append(item)
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": error_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

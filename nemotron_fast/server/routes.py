@@ -16,21 +16,39 @@ from typing import Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from .. import errors
 from .schemas import CancelResponse, ErrorDetail, NemotronInput, NemotronOutput, QueueStatus, QueueSubmitResponse
 from .service import Service, sse_event
 from .store import RequestRow
 from .webhooks import check_outbound_url
+from .worker import outcome_for_exception
 
-__all__ = ["build_queue_router", "result_response", "validation_error"]
+__all__ = ["build_queue_router", "error_detail", "result_response", "validation_error"]
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorDetail}}
+# The queue reads its body itself (an invalid input is queued and fails there), yet publishes the input schema.
+_INPUT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/NemotronInput"}}}}}
 
 
 def validation_error(detail: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+def error_detail(errors: Any, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as a JSON-safe 422 ``detail``: ``loc`` (after ``prefix``), ``msg``, ``type`` and a plain
+    ``ctx``; ``input`` is left out (it may echo a megabyte data URI or a non-JSON object)."""
+    detail = []
+    for err in errors:
+        item: dict[str, Any] = {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        if "ctx" in err:
+            item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                           for k, v in err["ctx"].items()}
+        detail.append(item)
+    return detail
 
 
 def not_found(request_id: str) -> JSONResponse:
@@ -61,26 +79,48 @@ def build_queue_router(svc: Service) -> APIRouter:
             return validation_error(list(exc.errors))
         return inputs
 
-    @router.post(f"/queue/{app_id}", response_model=QueueSubmitResponse, responses=_ERRORS, tags=["queue"])
-    def submit(request: Request, body: NemotronInput,
-               fal_webhook: str | None = Query(None, max_length=4096,
-                                               description="URL that receives the result as a signed POST."),
-               x_fal_queue_priority: Literal["normal", "low"] | None = Header(None),
-               x_fal_request_timeout: float | None = Header(None, gt=0, allow_inf_nan=False,
-                                                            description="Seconds the request may wait to start.")
-               ) -> JSONResponse:
-        """Queue a request; poll ``status_url``, fetch ``response_url``, or ``PUT cancel_url``."""
-        inputs = check_inputs(body)
-        if isinstance(inputs, JSONResponse):
-            return inputs
+    def refusal(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """``(inputs, None)`` for a valid body, else ``(what could be read of it, the 422 detail)``."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            pos = getattr(exc, "pos", 0)
+            return {}, [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid",
+                         "ctx": {"error": getattr(exc, "msg", str(exc))}}]
+        try:
+            inputs = NemotronInput.model_validate(data).to_pipeline()
+        except ValidationError as exc:
+            return (data if isinstance(data, dict) else {}), error_detail(exc.errors(), ("body",))
+        try:
+            svc.validate(inputs)
+        except errors.InputValidationError as exc:
+            return inputs, list(exc.errors)
+        return inputs, None
+
+    @router.post(f"/queue/{app_id}", response_model=QueueSubmitResponse, responses=_ERRORS, tags=["queue"],
+                 openapi_extra=_INPUT_BODY)
+    async def submit(request: Request,
+                     fal_webhook: str | None = Query(None, max_length=4096,
+                                                     description="URL that receives the result as a signed POST."),
+                     x_fal_queue_priority: Literal["normal", "low"] | None = Header(None),
+                     x_fal_request_timeout: float | None = Header(None, gt=0, allow_inf_nan=False,
+                                                                  description="Seconds the request may wait to start.")
+                     ) -> JSONResponse:
+        """Queue a request; poll ``status_url``, fetch ``response_url``, or ``PUT cancel_url``.
+
+        As on the hosted queue, an invalid input is accepted too: it gets a request id and is COMPLETED at once
+        with the error (its result is the 422 with the ``detail`` list, its webhook ``status: "ERROR"``). Only a
+        bad ``fal_webhook`` or queue header is answered 422 here."""
         if fal_webhook is not None:
-            refusal = check_outbound_url(fal_webhook, allow_private=svc.config.allow_private_urls, resolve=False)
-            if refusal is not None:
-                return validation_error([{"loc": ["query", "fal_webhook"], "msg": f"fal_webhook {refusal}",
+            why = check_outbound_url(fal_webhook, allow_private=svc.config.allow_private_urls, resolve=False)
+            if why is not None:
+                return validation_error([{"loc": ["query", "fal_webhook"], "msg": f"fal_webhook {why}",
                                           "type": "value_error", "input": fal_webhook}])
-        request_id, position = store.submit(inputs, webhook_url=fal_webhook,
-                                            priority=1 if x_fal_queue_priority == "low" else 0,
-                                            start_timeout=x_fal_request_timeout)
+        inputs, detail = await to_thread.run_sync(refusal, await request.body())
+        outcome = outcome_for_exception(errors.InputValidationError(detail)) if detail else None
+        request_id, position = await to_thread.run_sync(lambda: store.submit(
+            inputs, webhook_url=fal_webhook, priority=1 if x_fal_queue_priority == "low" else 0,
+            start_timeout=x_fal_request_timeout, outcome=outcome))
         body_out = {"status": "IN_QUEUE", "request_id": request_id, "gateway_request_id": request_id,
                     **svc.request_urls(request, request_id), "queue_position": position}
         return JSONResponse(body_out, headers={"x-fal-request-id": request_id})

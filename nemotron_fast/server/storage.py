@@ -5,7 +5,8 @@
 - Python (default): ``POST /storage/auth/token`` -> a token, then ``POST /files/upload`` with the raw bytes and
   ``Authorization: Bearer <token>`` -> ``{access_url}``.
 - ``GET /files/{id}/{name}`` serves a stored file. The model worker reads these files straight from the data
-  dir (``FileStore.resolve_url``), so uploads work without ``--allow-private-urls``.
+  dir (``FileStore.resolve_url``, only for the origin the file URL was handed out on), so uploads work without
+  ``--allow-private-urls``. Bytes are written in a worker thread, never on the event loop.
 Files live ``ttl`` seconds (the result TTL); multipart uploads (>90 MB) are not implemented.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
@@ -74,13 +76,14 @@ class FileStore:
         except (OSError, ValueError):
             return None
 
-    def create(self, file_name: str | None, content_type: str | None) -> tuple[str, str]:
-        """Reserve a file id for a later PUT; returns ``(id, clean_name)``."""
+    def create(self, file_name: str | None, content_type: str | None, origin: str | None = None) -> tuple[str, str]:
+        """Reserve a file id for a later PUT; returns ``(id, clean_name)``. ``origin`` is the public base URL
+        the file's URL is built on (only URLs on it are read from disk by :meth:`resolve_url`)."""
         content_type = _clean_content_type(content_type)
         file_id = uuid.uuid4().hex
         name = _clean_name(file_name, content_type)
         self._write_meta(file_id, {"name": name, "content_type": content_type, "size": 0,
-                                   "created_at": time.time(), "state": "pending"})
+                                   "created_at": time.time(), "state": "pending", "origin": origin})
         return file_id, name
 
     def write(self, file_id: str, data: bytes, content_type: str | None = None) -> dict[str, Any]:
@@ -100,24 +103,30 @@ class FileStore:
         self._write_meta(file_id, meta)
         return meta
 
-    def put(self, data: bytes, file_name: str | None, content_type: str | None) -> tuple[str, str]:
-        file_id, name = self.create(file_name, content_type)
+    def put(self, data: bytes, file_name: str | None, content_type: str | None,
+            origin: str | None = None) -> tuple[str, str]:
+        file_id, name = self.create(file_name, content_type, origin)
         self.write(file_id, data)
         return file_id, name
 
     def resolve_url(self, url: str) -> str | None:
-        """Local path of a file this server stored, given any URL whose path is ``/files/{id}/...``."""
+        """Local path of a file this server stored, given its URL: ``{origin}/files/{id}/...`` on the scheme,
+        host, port and path prefix the file was uploaded through (another host's ``/files/`` URL is not ours)."""
         try:
-            path = urlsplit(url).path
+            parts = urlsplit(url)
         except ValueError:
             return None
-        if not url.lower().startswith(("http://", "https://")):
+        if parts.scheme.lower() not in ("http", "https"):
             return None
-        match = _URL_ID_RE.search(path)
+        match = _URL_ID_RE.search(parts.path)
         if match is None:
             return None
         meta = self.meta(match.group(1))
-        if meta is None or meta.get("state") != "ready":
+        if meta is None or meta.get("state") != "ready" or not meta.get("origin"):
+            return None
+        origin = urlsplit(meta["origin"])
+        if (parts.scheme.lower(), parts.netloc.lower()) != (origin.scheme.lower(), origin.netloc.lower()) or \
+                not parts.path.startswith(f"{origin.path.rstrip('/')}/files/{match.group(1)}"):
             return None
         return str(self.data_path(match.group(1)))
 
@@ -169,7 +178,7 @@ def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> API
     def initiate_upload(request: Request, body: UploadInitiateRequest,
                         storage_type: str | None = None) -> UploadInitiateResponse:
         """Reserve a file; PUT its bytes to ``upload_url`` (no auth needed), then use ``file_url``."""
-        file_id, name = files.create(body.file_name, body.content_type)
+        file_id, name = files.create(body.file_name, body.content_type, base_url(request))
         return UploadInitiateResponse(upload_url=f"{base_url(request)}/storage/upload/{file_id}",
                                       file_url=file_url(request, file_id, name))
 
@@ -177,7 +186,7 @@ def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> API
                 openapi_extra=_RAW_BODY)
     async def put_upload(file_id: str, request: Request) -> JSONResponse:
         """Bytes of a file reserved with ``/storage/upload/initiate``."""
-        meta = files.meta(file_id)
+        meta = await to_thread.run_sync(files.meta, file_id)
         if meta is None:
             return JSONResponse({"detail": "Unknown upload URL"}, status_code=404)
         if meta.get("state") == "ready":
@@ -185,7 +194,7 @@ def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> API
         data = await _read_limited(request, files.max_bytes)
         if data is None:
             return _too_large(files.max_bytes)
-        files.write(file_id, data, request.headers.get("content-type"))
+        await to_thread.run_sync(files.write, file_id, data, request.headers.get("content-type"))
         return JSONResponse({"file_url": file_url(request, file_id, meta["name"])})
 
     @router.post("/storage/auth/token", response_model=CdnTokenResponse)
@@ -202,7 +211,8 @@ def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> API
         data = await _read_limited(request, files.max_bytes)
         if data is None:
             return _too_large(files.max_bytes)
-        file_id, name = files.put(data, request.headers.get("x-fal-file-name"), request.headers.get("content-type"))
+        file_id, name = await to_thread.run_sync(files.put, data, request.headers.get("x-fal-file-name"),
+                                                 request.headers.get("content-type"), base_url(request))
         return JSONResponse(CdnUploadResponse(access_url=file_url(request, file_id, name)).model_dump())
 
     @router.get("/files/{file_id}/{name}", response_class=FileResponse,

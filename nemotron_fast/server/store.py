@@ -196,8 +196,10 @@ class RequestStore:
         return requeued, failed
 
     def submit(self, inputs: dict[str, Any], *, kind: str = "queue", webhook_url: str | None = None,
-               priority: int = 0, start_timeout: float | None = None) -> tuple[str, int]:
-        """Queue a request; returns ``(request_id, queue_position)``."""
+               priority: int = 0, start_timeout: float | None = None,
+               outcome: Outcome | None = None) -> tuple[str, int]:
+        """Queue a request; returns ``(request_id, queue_position)``. With ``outcome`` (an input refused at the
+        door) the request is completed with it in the same transaction, webhook included, and never runs."""
         request_id = str(uuid.uuid4())
         now = time.time()
         deadline = now + start_timeout if start_timeout else None
@@ -208,8 +210,11 @@ class RequestStore:
                 (request_id, kind, priority, json.dumps(inputs), webhook_url, now, deadline),
             )
             position = self._position_locked(db, request_id)
+            if outcome is not None:
+                self._finish_locked(db, request_id, outcome, now, None)
         self._touch(request_id)
-        self._queue_changed.set()
+        if outcome is None:
+            self._queue_changed.set()
         return request_id, position
 
     def claim_batch(self, max_batch: int) -> list[RequestRow]:

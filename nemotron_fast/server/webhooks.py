@@ -3,7 +3,9 @@
 Every delivery is signed with the server's own ED25519 key (created once in the data dir): the hex signature
 covers ``"{request_id}\\n{user_id}\\n{timestamp}\\n{sha256_hex(raw_body)}"`` and the public key is served at
 ``/.well-known/jwks.json`` as an OKP/Ed25519 JWK. Deliveries are stored with the result (same transaction),
-retried with exponential backoff, and never follow redirects.
+never follow redirects, and connect to the address that was checked (:mod:`nemotron_fast.netguard`). A failed
+delivery is retried with jittered exponential backoff, except after a 4xx other than 408 and 429: the receiver
+refused that body, and sending it again will not change its answer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -26,6 +29,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..netguard import AddressNotAllowed, PinnedTransport, is_public_address
 from .store import RequestStore
 
 __all__ = ["WebhookSigner", "WebhookDeliverer", "signature_message", "verify_signature", "check_outbound_url",
@@ -96,17 +100,6 @@ def verify_signature(jwks: dict[str, Any], headers: dict[str, str], body: bytes,
         except Exception:
             continue
     return False
-
-
-def is_public_address(ip: str) -> bool:
-    """True for globally routable addresses (not private, loopback, link-local, multicast, reserved...)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
 
 
 def check_outbound_url(url: str, *, allow_private: bool, resolve: bool = True) -> str | None:
@@ -192,27 +185,39 @@ class WebhookDeliverer:
 
     def deliver(self, request_id: str, url: str, body: bytes, attempts: int) -> bool:
         """One delivery attempt; records success, a retry time, or giving up."""
-        error: str | None = check_outbound_url(url, allow_private=self.allow_private_urls)
-        if error is not None and not error.startswith("cannot resolve"):
-            # A refused address stays refused: no retries. (A DNS failure may be transient and is retried.)
-            logger.warning("webhook for %s not delivered: %s", request_id, error)
-            self.store.webhook_result(request_id, delivered=False, error=error)
-            return False
-        try:
-            if error is not None:
-                raise httpx.ConnectError(error)
-            with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
-                response = client.post(url, content=body, headers=self.signer.headers(request_id, body))
-            if 200 <= response.status_code < 300:
-                self.store.webhook_result(request_id, delivered=True)
-                return True
-            error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if attempts + 1 >= self.max_attempts:
-            logger.warning("webhook for %s failed %d times, giving up: %s", request_id, attempts + 1, error)
+        # Literal addresses and localhost here; names are resolved once, by the pinned transport, and vetted there.
+        error: str | None = check_outbound_url(url, allow_private=self.allow_private_urls, resolve=False)
+        retry = error is None
+        if error is None:
+            try:
+                with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False,
+                                  transport=PinnedTransport(allow_private=self.allow_private_urls)) as client:
+                    response = client.post(url, content=body, headers=self.signer.headers(request_id, body))
+                if 200 <= response.status_code < 300:
+                    self.store.webhook_result(request_id, delivered=True)
+                    return True
+                error, retry = f"HTTP {response.status_code}", retryable_status(response.status_code)
+            except AddressNotAllowed as exc:
+                error, retry = f"refusing {exc} (start the server with --allow-private-urls to allow it)", False
+            except httpx.HTTPError as exc:  # connection, DNS and timeout failures may be transient
+                error = f"{type(exc).__name__}: {exc}"
+        if not retry or attempts + 1 >= self.max_attempts:
+            logger.warning("webhook for %s not delivered after %d attempt(s), giving up: %s", request_id,
+                           attempts + 1, error)
             self.store.webhook_result(request_id, delivered=False, error=error)
         else:
-            delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
+            delay = retry_delay(attempts, self.backoff_base, self.backoff_max)
             self.store.webhook_result(request_id, delivered=False, error=error, retry_in=delay)
         return False
+
+
+def retryable_status(status: int) -> bool:
+    """Whether a delivery answered with HTTP ``status`` is worth retrying: 5xx, 408 and 429, not other 4xx."""
+    return status >= 500 or status in (408, 429) or status < 400
+
+
+def retry_delay(attempts: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry ``attempts + 1``: exponential (``base * 2**attempts``, at most ``cap``) with equal
+    jitter (the upper half drawn uniformly), so receivers that failed together are not hit again together."""
+    delay = min(cap, base * 2 ** attempts)
+    return delay / 2 + rand() * delay / 2

@@ -36,10 +36,11 @@ class PipelineLike(Protocol):
     def validate(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]: ...
+            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = False,
+            allow_local_files: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]: ...
 
-    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
+    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,
+                  allow_local_files: bool = False,
                   should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]: ...
 
 
@@ -114,7 +115,9 @@ class ModelWorker:
         if self.resolve_local is not None and isinstance(url, str):
             local = self.resolve_local(url)
             if local is not None:
-                # The server's own uploads are read from its data dir, not fetched over HTTP (no URL check).
+                # The server's own uploads are read from its data dir, not fetched over HTTP (no URL check). The
+                # only paths the pipeline sees (allow_local_files) are these: a caller's image_url passed
+                # NemotronInput's http(s)/data: rule at submit, and inputs that failed it never reach the queue.
                 inputs["image_url"] = local
         return inputs
 
@@ -136,7 +139,7 @@ class ModelWorker:
                 # Only user cancels here: a batch may check them only once it is done, and a shutdown must not
                 # throw away finished rows (it waits for the batch instead).
                 results = list(self.pipeline.run_batch(
-                    inputs, allow_private_urls=self.allow_private_urls,
+                    inputs, allow_private_urls=self.allow_private_urls, allow_local_files=True,
                     should_cancel=[self._user_cancel(row.id) for row in rows]))
                 if len(results) != len(rows):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(rows)} inputs")
@@ -169,7 +172,7 @@ class ModelWorker:
 
         try:
             return self.pipeline.run(inputs, on_progress=on_progress, should_cancel=self._should_cancel(row.id),
-                                     allow_private_urls=self.allow_private_urls,
+                                     allow_private_urls=self.allow_private_urls, allow_local_files=True,
                                      log=lambda message: self.store.log(row.id, "INFO", str(message)))
         except Exception as exc:
             return exc
