@@ -39,7 +39,8 @@ class PipelineLike(Protocol):
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
             should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
-            log: Callable[[str], None] | None = None, **step_stream: Any) -> dict[str, Any]: ...
+            log: Callable[[str], None] | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]: ...
 
     def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
                   should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]: ...

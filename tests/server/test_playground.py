@@ -123,10 +123,15 @@ def test_page_shows_the_reveal_and_the_api_answer(browser: Any, start_server: An
     assert page.locator("#block .slot.committed").count() == 8
     assert page.inner_text("#answer") == answer
 
-    # a mid-run picture: the first step of the first block, some slots still masked
+    # the first step: nothing committed yet, the first block partly revealed
     page.fill("#replay-step", "1")
     revealed = page.locator("#block .slot:not(.masked)").count()
     assert 1 <= revealed and revealed + page.locator("#block .slot.masked").count() == 8
+    assert page.inner_text("#answer") == ""
+    # a mid-run picture: the first step of the second block, the first block's text committed above it
+    mid = 1 + next(i for i, label in enumerate(labels) if "denoise of block 2" in label)
+    page.fill("#replay-step", str(mid))
+    assert page.inner_text("#answer") and answer.startswith(page.inner_text("#answer"))
     shot = artifacts / "playground.png"
     page.screenshot(path=str(shot), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: one column, nothing wider than the screen
@@ -244,6 +249,42 @@ def test_ordinary_requests_run_exactly_as_before(start_server: Any, demo_pipelin
         if e["kind"] == "denoise":
             assert all(0 <= i < 8 and 0.0 <= c <= 1.0 and text == demo_pipeline.processor.decode([tok])
                        for i, tok, text, c in e["slots"])
+
+
+def test_a_step_streamed_request_leaves_its_batch(start_server: Any, demo_pipeline: Any, tmp_path: Path) -> None:
+    """Queued together, the request with ``stream_steps`` runs alone with ``on_step``, the others as one batch."""
+    from nemotron_fast.server.store import RequestStore
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, int, bool]] = []
+
+        def validate(self, inputs: dict[str, Any]) -> Any:
+            return demo_pipeline.validate(inputs)
+
+        def run(self, inputs: dict[str, Any], **kwargs: Any) -> Any:
+            self.calls.append(("run", 1, kwargs.get("on_step") is not None))
+            return demo_pipeline.run(inputs, **kwargs)
+
+        def run_batch(self, inputs: list[dict[str, Any]], **kwargs: Any) -> Any:
+            self.calls.append(("run_batch", len(inputs), False))
+            return demo_pipeline.run_batch(inputs, **kwargs)
+
+    base = {"image_url": example_uri(), "block_length": 8}
+    prompts = ["Describe the image.", "What colour is the square?", "How many shapes are there?"]
+    (tmp_path / "data").mkdir()  # the data dir start_server uses: queue the requests before the worker runs
+    store = RequestStore(tmp_path / "data" / "requests.sqlite3")
+    ids = [store.submit({**base, "prompt": p, **({"stream_steps": True} if i == 1 else {})})[0]
+           for i, p in enumerate(prompts)]
+    store.close()
+    recorder = Recorder()
+    server = start_server(recorder)  # the worker claims the three queued requests at once
+    for request_id, prompt in zip(ids, prompts):
+        assert sse(server, f"/queue/{APP}/requests/{request_id}/status/stream")[-1]["status"] == "COMPLETED"
+        got = httpx.get(f"{server.url}/queue/{APP}/requests/{request_id}", timeout=30).json()
+        assert got["output"] == demo_pipeline.run({**base, "prompt": prompt})["output"]
+    assert sorted(recorder.calls) == [("run", 1, True), ("run_batch", 2, False)]
+    assert server.service.worker.batch_sizes == [3]
 
 
 def test_step_stream_refuses_unknown_requests(fake_server: Any) -> None:
