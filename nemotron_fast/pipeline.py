@@ -20,7 +20,7 @@ import torch
 
 from .errors import Cancelled, InputValidationError
 from .params import RequestParams, validate_inputs
-from .sampling import GenerationResult, SamplingPolicy
+from .sampling import GenerationResult, SamplingPolicy, StepEvent
 
 __all__ = ["Pipeline", "default_model_path"]
 
@@ -77,9 +77,10 @@ class Pipeline:
 
     def _generate(self, input_ids: Any, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
                   p: RequestParams, policy: SamplingPolicy,
-                  callback: Callable[[int, list[list[int]]], bool | None] | None) -> GenerationResult:
-        kw = dict(max_new_tokens=p.max_tokens, steps=p.steps, block_length=p.block_length, threshold=p.threshold,
-                  mode=p.mode)
+                  callback: Callable[[int, list[list[int]]], bool | None] | None,
+                  on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+        kw: dict[str, Any] = dict(max_new_tokens=p.max_tokens, steps=p.steps, block_length=p.block_length,
+                                  threshold=p.threshold, mode=p.mode)
         if p.mode == "linear_spec":
             # the endpoint cuts every completion to max_tokens; upstream's self-speculation can overshoot it
             policy = dataclasses.replace(policy, truncate_overshoot=True)
@@ -93,6 +94,8 @@ class Pipeline:
             return ref_generate(self.model, input_ids, pixel_values, image_sizes, policy=policy, **kw)
         from .generate import generate
 
+        if on_step is not None:
+            kw["on_step"] = on_step  # only when asked: ordinary requests call the sampler exactly as before
         return generate(self.model, input_ids, pixel_values, image_sizes, policy=policy, callback=callback, **kw)
 
     # ---- one request ------------------------------------------------------------------------------------------
@@ -119,12 +122,16 @@ class Pipeline:
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
             should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = False,
-            allow_local_files: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            allow_local_files: bool = False, log: Callable[[str], None] | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run one request. ``on_progress(text_so_far)`` is called after each committed block;
         ``should_cancel()`` is polled after each block and raises :class:`Cancelled` when it returns True.
 
         The image input is untrusted by default: a URL whose host resolves to a private, loopback, link-local or
-        reserved address is refused unless ``allow_private_urls``, and a local path unless ``allow_local_files``."""
+        reserved address is refused unless ``allow_private_urls``, and a local path unless ``allow_local_files``.
+
+        ``on_step`` (opt-in, for a live view) gets one JSON-ready dict per denoise step and per commit (see
+        :meth:`step_record`); only the diffusion mode of the fast sampler has steps, other runs never call it."""
         t_start = time.perf_counter()
         p, proc, timings = self._prepare(inputs, allow_private_urls, allow_local_files)
         if log:
@@ -153,8 +160,11 @@ class Pipeline:
                 return False
             return True
 
+        steps = None
+        if on_step is not None and p.mode == "diffusion" and self.sampler == "fast":
+            steps = lambda event: on_step(self.step_record(event, p.block_length))  # noqa: E731
         t1 = time.perf_counter()
-        result = self._generate(ids, pix, sizes, p, self.policy, callback)
+        result = self._generate(ids, pix, sizes, p, self.policy, callback, steps)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         timings["generation_time"] = time.perf_counter() - t1
@@ -165,6 +175,22 @@ class Pipeline:
         timings["decode_time"] = time.perf_counter() - t2
         timings["total_time"] = time.perf_counter() - t_start
         return _output(text, proc.num_prompt_tokens, result.completion_ids[0], result.nfe, timings)
+
+    def step_record(self, event: StepEvent, block_length: int) -> dict[str, Any]:
+        """One :class:`StepEvent` of a single-row run as JSON: ``kind``, ``block``, ``step``, ``forwards`` (NFE
+        so far), ``block_length``, and ``slots``: ``[offset in the block, token id, its text, confidence]`` for
+        each position the step revealed (a commit: every position of the block, confidence ``None``). A token
+        that decodes to nothing (EOS, a special token) has the text ``""``."""
+        if event.kind == "commit":
+            positions = list(range(len(event.tokens[0])))
+            confidence: list[float | None] = [None] * len(positions)
+        else:
+            positions = list(event.revealed[0])
+            confidence = [round(float(c), 4) for c in event.confidence[0]]
+        tokens = [int(t) for t in event.tokens[0]]
+        return {"kind": event.kind, "block": event.block, "step": event.step, "forwards": event.forwards,
+                "block_length": block_length,
+                "slots": [[i, t, self.processor.decode([t]), c] for i, t, c in zip(positions, tokens, confidence)]}
 
     # ---- many requests ------------------------------------------------------------------------------------------
     def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,

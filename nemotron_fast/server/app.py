@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__, errors
 from .openai_compat import build_openai_router
+from .playground import build_playground_router
 from .routes import build_queue_router, error_detail
 from .service import ServerConfig, Service
 from .storage import build_storage_router
@@ -36,8 +37,11 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 
 def _public_path(method: str, path: str) -> bool:
-    """Routes that never need the API key: preflight, file reads, upload PUTs (capability URL), key + docs."""
+    """Routes that never need the API key: preflight, file reads, upload PUTs (capability URL), key + docs, and
+    the playground's static page (it sends the key the user types with its API calls)."""
     if method == "OPTIONS":
+        return True
+    if method in ("GET", "HEAD") and (path in ("/", "/playground") or path.startswith("/playground/")):
         return True
     if method in ("GET", "HEAD") and (path.startswith("/files/") or path in (
             "/.well-known/jwks.json", "/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")):
@@ -169,6 +173,7 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
     app.include_router(build_queue_router(svc))
     app.include_router(build_storage_router(svc.files, svc.base_url, svc.cdn_token))
     app.include_router(build_openai_router(svc))
+    app.include_router(build_playground_router(svc))
     app.add_middleware(GuardMiddleware, api_key=config.api_key, cdn_token=svc.cdn_token,  # type: ignore[arg-type]
                        max_body_bytes=config.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from .. import errors
 from .schemas import CancelResponse, ErrorDetail, NemotronInput, NemotronOutput, QueueStatus, QueueSubmitResponse
 from .service import Service, sse_event
+from .steps import STEPS_FIELD, wants_steps
 from .store import RequestRow
 from .webhooks import check_outbound_url
 from .worker import outcome_for_exception
@@ -162,6 +163,18 @@ def build_queue_router(svc: Service) -> APIRouter:
             202, "CANCELLATION_REQUESTED")
         return JSONResponse({"status": status_text}, status_code=code, headers={"x-fal-request-id": request_id})
 
+    async def steps_stream(request_id: str) -> Any:
+        """Server-sent step events of a request submitted with ``"stream_steps": true`` (see ``server.steps``)."""
+        row = await to_thread.run_sync(store.get, request_id)
+        if row is None:
+            return not_found(request_id)
+        if not wants_steps(row.input):
+            return JSONResponse({"detail": f"This request records no step events: submit it with "
+                                           f"\"{STEPS_FIELD}\": true in its input"}, status_code=400,
+                                headers={"x-fal-request-id": request_id})
+        return StreamingResponse(_step_events(svc, request_id), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, "x-fal-request-id": request_id})
+
     owner_alias = app_id
     routes: list[tuple[str, Any, str, dict[str, Any]]] = [
         ("/status", status, "GET", {"response_model": QueueStatus, "status_code": 202,
@@ -180,6 +193,9 @@ def build_queue_router(svc: Service) -> APIRouter:
                 path = f"{prefix}/{owner_alias}/requests/{{request_id}}{suffix}{slash}"
                 router.add_api_route(path, endpoint, methods=[method], tags=["queue"],
                                      include_in_schema=prefix == "/queue" and not slash, **extra)
+    # beyond the hosted API (kept out of its schema, like the opt-in field): the playground's step stream
+    router.add_api_route(f"/queue/{owner_alias}/requests/{{request_id}}/steps", steps_stream, methods=["GET"],
+                         include_in_schema=False)
 
     @router.post(f"/{app_id}", response_model=NemotronOutput, tags=["run"], responses={
         **_ERRORS, 400: {"model": ErrorDetail}, 500: {"model": ErrorDetail}})
@@ -241,6 +257,43 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             last_beat = time.monotonic()
             yield b": keep-alive\n\n"
         await asyncio.sleep(0.1)
+
+
+async def _step_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:
+    """``status`` events while queued (with the queue position), the recorded step/output events while running,
+    then one ``done`` event (the result itself is at the response URL)."""
+    store, sent, last_status, seen, row = svc.store, 0, None, -1, None
+    last_beat = time.monotonic()
+    while True:
+        version = store.version(request_id)
+        if version != seen or row is None:
+            seen = version
+            row = await to_thread.run_sync(store.get, request_id)
+            if row is None:
+                return
+        # the position moves when other requests start, so it is read again every tick while queued
+        position = await to_thread.run_sync(store.queue_position, request_id) if row.state == "queued" else None
+        status = (row.wire_status, position)
+        out: list[dict[str, Any]] = []
+        if status != last_status:
+            last_status = status
+            out.append({"type": "status", "status": row.wire_status, "queue_position": position})
+        # the worker records a run's last event before it stores the result, so a done row has all of them
+        events = svc.steps.read(request_id, sent)
+        sent += len(events)
+        out += events
+        if row.state == "done":
+            out.append({"type": "done", "status": row.wire_status, "status_code": row.status_code,
+                        "error": row.error, "error_type": row.error_type})
+        if out:
+            last_beat = time.monotonic()
+            yield b"".join(sse_event(json.dumps(item)) for item in out)
+        if row.state == "done":
+            return
+        if time.monotonic() - last_beat >= svc.config.keepalive_interval:
+            last_beat = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(0.05)
 
 
 async def _output_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:

@@ -19,6 +19,7 @@ from typing import Any
 from anyio import to_thread
 from fastapi import Request
 
+from .steps import StepLog
 from .storage import FileStore
 from .store import RequestRow, RequestStore
 from .webhooks import WebhookDeliverer, WebhookSigner
@@ -90,8 +91,10 @@ class Service:
         secret = secret_path.read_text().strip()
         # The storage token: derived from the API key when one is set, so it changes with the key.
         self.cdn_token = hmac.new(secret.encode(), (config.api_key or "").encode(), hashlib.sha256).hexdigest()
+        self.steps = StepLog()  # the playground's opt-in step events (in memory)
         self.worker = ModelWorker(pipeline, self.store, max_batch=config.max_batch,
-                                  allow_private_urls=config.allow_private_urls, resolve_local=self.files.resolve_url)
+                                  allow_private_urls=config.allow_private_urls, resolve_local=self.files.resolve_url,
+                                  steps=self.steps)
         self.deliverer = WebhookDeliverer(self.store, self.signer, allow_private_urls=config.allow_private_urls,
                                           max_attempts=config.webhook_max_attempts,
                                           backoff_base=config.webhook_backoff_base, housekeeping=self.housekeeping,

@@ -4,7 +4,8 @@ One thread owns the model. It claims up to ``max_batch`` queued requests at a ti
 them as one batched generation with ``Pipeline.run_batch``; a single request (and every streamed one) goes
 through ``Pipeline.run`` instead, which reports each committed block (partial output and a log line). Cancels
 are polled after every block; on shutdown the running requests stop at their next block and go back to the
-queue, so a restart runs them again.
+queue, so a restart runs them again. A request that opts in to the step stream (``"stream_steps": true``) runs
+alone and records its denoise steps in the ``StepLog`` (see :mod:`nemotron_fast.server.steps`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import errors
+from .steps import STEPS_FIELD, StepLog, wants_steps
 from .store import Outcome, RequestRow, RequestStore, cancelled_outcome
 
 __all__ = ["PipelineLike", "ModelWorker", "Cancelled", "outcome_for_exception"]
@@ -37,7 +39,8 @@ class PipelineLike(Protocol):
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
             should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = False,
-            allow_local_files: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]: ...
+            allow_local_files: bool = False, log: Callable[[str], None] | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]: ...
 
     def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,
                   allow_local_files: bool = False,
@@ -61,9 +64,10 @@ class ModelWorker:
 
     def __init__(self, pipeline: PipelineLike, store: RequestStore, *, max_batch: int = 8,
                  allow_private_urls: bool = False,
-                 resolve_local: Callable[[str], str | None] | None = None) -> None:
+                 resolve_local: Callable[[str], str | None] | None = None, steps: StepLog | None = None) -> None:
         self.pipeline = pipeline
         self.store = store
+        self.steps = steps
         self.max_batch = max(1, int(max_batch))
         self.allow_private_urls = allow_private_urls
         self.resolve_local = resolve_local
@@ -111,6 +115,7 @@ class ModelWorker:
 
     def _inputs(self, row: RequestRow) -> dict[str, Any]:
         inputs = dict(row.input)
+        inputs.pop(STEPS_FIELD, None)
         url = inputs.get("image_url")
         if self.resolve_local is not None and isinstance(url, str):
             local = self.resolve_local(url)
@@ -129,6 +134,15 @@ class ModelWorker:
 
     def run_rows(self, rows: list[RequestRow]) -> None:
         """Run claimed requests (one batched generation, or one ``run`` with progress for a single row)."""
+        if len(rows) > 1 and any(wants_steps(row.input) for row in rows):
+            # a request that streams its steps runs alone (the sampler reports steps for one row)
+            for row in rows:
+                if wants_steps(row.input):
+                    self.run_rows([row])
+            rest = [row for row in rows if not wants_steps(row.input)]
+            if rest:
+                self.run_rows(rest)
+            return
         started = time.perf_counter()
         inputs = [self._inputs(row) for row in rows]
         results: list[dict[str, Any] | BaseException]
@@ -163,19 +177,30 @@ class ModelWorker:
 
     def _run_one(self, row: RequestRow, inputs: dict[str, Any]) -> dict[str, Any] | BaseException:
         blocks = 0
+        steps = self.steps if self.steps is not None and wants_steps(row.input) else None
+        extra: dict[str, Any] = {}
+        if steps is not None:
+            steps.start(row.id)
+            # only for requests that asked: an ordinary request calls the pipeline exactly as before
+            extra["on_step"] = lambda record: steps.add(row.id, {"type": "step", **record})
 
         def on_progress(text: str) -> None:
             nonlocal blocks
             blocks += 1
             self.store.set_partial(row.id, text)
             self.store.log(row.id, "INFO", f"Block {blocks} committed ({len(text)} characters so far)")
+            if steps is not None:
+                steps.add(row.id, {"type": "output", "output": text})
 
         try:
             return self.pipeline.run(inputs, on_progress=on_progress, should_cancel=self._should_cancel(row.id),
                                      allow_private_urls=self.allow_private_urls, allow_local_files=True,
-                                     log=lambda message: self.store.log(row.id, "INFO", str(message)))
+                                     log=lambda message: self.store.log(row.id, "INFO", str(message)), **extra)
         except Exception as exc:
             return exc
+        finally:
+            if steps is not None:
+                steps.finish(row.id)
 
     def _log_usage(self, request_id: str, result: dict[str, Any], elapsed: float) -> None:
         usage = result.get("usage") if isinstance(result, dict) else None
