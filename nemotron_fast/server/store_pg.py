@@ -258,10 +258,12 @@ class PostgresFileStore(FileStoreBase):
 
     def write(self, file_id: str, data: bytes, content_type: str | None = None) -> dict[str, Any]:
         with self.store._tx() as db:
+            # The upload's own type replaces a reserved application/octet-stream (as on disk).
+            new_type = clean_content_type(content_type) if content_type else "application/octet-stream"
             cur = db.execute(
                 "UPDATE files SET data = ?, size = ?, state = 'ready', content_type = CASE WHEN content_type = "
-                "'application/octet-stream' AND ? IS NOT NULL THEN ? ELSE content_type END WHERE id = ?",
-                (data, len(data), content_type, clean_content_type(content_type), file_id))
+                "'application/octet-stream' THEN ? ELSE content_type END WHERE id = ?",
+                (data, len(data), new_type, file_id))
             if not cur.rowcount:
                 raise KeyError(file_id)
         meta = self.meta(file_id)
