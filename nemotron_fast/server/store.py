@@ -256,10 +256,9 @@ class Store:
         if self.lease_ttl is None:
             return 0, 0
         with self._tx() as db:
-            return self._expire_locked(db)
+            return self._expire_locked(db, time.time())
 
-    def _expire_locked(self, db: Tx) -> tuple[int, int]:
-        now = time.time()
+    def _expire_locked(self, db: Tx, now: float) -> tuple[int, int]:
         rows = db.execute("SELECT id, attempts, worker_id FROM requests WHERE state = 'running' AND lease_until < ?"
                           + self._skip_locked, (self._lease_clock(db),)).fetchall()
         requeued = failed = 0
@@ -307,7 +306,9 @@ class Store:
         self._queue_changed.clear()
         with self._tx() as db:
             if self.lease_ttl is not None:
-                self._expire_locked(db)
+                # Same transaction, same time stamp: a request taken back here may be claimed again at once
+                # (it is then never seen queued).
+                self._expire_locked(db, now)
             lease_until = self._lease_clock(db) + self.lease_ttl if self.lease_ttl is not None else None
             rows = db.execute(f"SELECT id, kind, start_deadline FROM requests WHERE state = 'queued' "
                               f"ORDER BY priority, seq LIMIT ?{self._skip_locked}", (max_batch * 4,)).fetchall()
