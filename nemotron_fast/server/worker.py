@@ -185,8 +185,12 @@ class ModelWorker:
             except Exception:
                 logger.exception("worker batch failed")
                 for row in rows:
-                    self._finish(row, Outcome(500, {"detail": "Internal server error", "error_type": "internal_error"},
-                                              "Internal server error", "internal_error"), 0.0)
+                    try:
+                        self._finish(row, Outcome(500, {"detail": "Internal server error",
+                                                        "error_type": "internal_error"},
+                                                  "Internal server error", "internal_error"), 0.0)
+                    except Exception:  # the store is unreachable: the lease runs out and the request runs again
+                        logger.exception("recording the failure of %s failed", row.id)
             finally:
                 for row in rows:
                     self.leases.release(row.id)

@@ -272,3 +272,17 @@ def test_store_urls(url: str, expected: tuple[str, str]) -> None:
 def test_bad_store_urls_are_clear_errors(url: str) -> None:
     with pytest.raises(ValueError, match="store URL"):
         parse_store_url(url)
+
+
+def test_roles_need_a_shared_store(tmp_path: Path) -> None:
+    from nemotron_fast.server.service import ServerConfig
+
+    for role in ("api", "worker"):
+        with pytest.raises(ValueError, match="needs a shared store"):
+            ServerConfig(data_dir=tmp_path, role=role)
+        with pytest.raises(ValueError, match="needs a shared store"):
+            ServerConfig(data_dir=tmp_path, role=role, store=f"sqlite:///{tmp_path}/db")
+    assert ServerConfig(data_dir=tmp_path, role="api", store="postgresql://h/db").role == "api"
+    for bad in ({"role": "gpu"}, {"lease_ttl": 0}, {"max_attempts": 0}, {"store": "redis://h"}):
+        with pytest.raises(ValueError):
+            ServerConfig(data_dir=tmp_path, **bad)
