@@ -1,6 +1,8 @@
 """The FastAPI application: middleware (auth, body size, CORS), error handlers, lifespan and route wiring.
 
-``create_app(pipeline, config)`` is the whole server; ``nemotron-fast serve`` wraps it in uvicorn. Every error
+``create_app(pipeline, config)`` is the whole server; ``nemotron-fast serve`` wraps it in uvicorn. With
+``config.role == "api"`` the pipeline may be ``None`` (no model: requests run on worker processes); with
+``"worker"`` the app serves only ``/health``. Every error
 is JSON: 422 ``{"detail": [...]}`` for schema rules, 4xx for caller mistakes, 401 when ``api_key`` is set and
 the caller does not send it; a 500 only for a bug (then as JSON too).
 """
@@ -124,7 +126,7 @@ async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, bo
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> FastAPI:
+def create_app(pipeline: PipelineLike | None, config: ServerConfig | None = None) -> FastAPI:
     """The server as an ASGI app. Threads (model worker, webhooks) run while its lifespan is active."""
     config = config or ServerConfig()
     svc = Service(pipeline, config)
@@ -161,9 +163,16 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
 
     @app.get("/health", tags=["server"])
     def health() -> dict[str, Any]:
-        """Liveness: the worker thread is alive, and the number of requests per state."""
-        return {"status": "ok" if svc.worker.alive else "worker_stopped", "app_id": config.app_id,
-                "requests": svc.store.counts()}
+        """Liveness: the worker thread is alive (roles that run the model), the role, requests per state."""
+        alive = svc.worker is None or svc.worker.alive
+        body: dict[str, Any] = {"status": "ok" if alive else "worker_stopped", "app_id": config.app_id,
+                                "role": config.role, "requests": svc.store.counts()}
+        if svc.worker is not None:
+            body["worker_id"] = svc.worker.worker_id
+        return body
+
+    if config.role == "worker":
+        return app
 
     @app.get("/.well-known/jwks.json", tags=["webhooks"])
     def jwks() -> dict[str, Any]:

@@ -4,10 +4,14 @@
   unauthenticated ``PUT upload_url`` with the bytes (the URL's random id is the capability).
 - Python (default): ``POST /storage/auth/token`` -> a token, then ``POST /files/upload`` with the raw bytes and
   ``Authorization: Bearer <token>`` -> ``{access_url}``.
-- ``GET /files/{id}/{name}`` serves a stored file. The model worker reads these files straight from the data
-  dir (``FileStore.resolve_url``, only for the origin the file URL was handed out on), so uploads work without
+- ``GET /files/{id}/{name}`` serves a stored file. The model worker reads these files by path
+  (``resolve_url``, only for the origin the file URL was handed out on), not over HTTP, so uploads work without
   ``--allow-private-urls``. Bytes are written in a worker thread, never on the event loop.
 Files live ``ttl`` seconds (the result TTL); multipart uploads (>90 MB) are not implemented.
+
+``FileStoreBase`` is what the routes and the worker use: ``FileStore`` keeps files in the data dir (the SQLite
+store), ``store_pg.PostgresFileStore`` in the database, so every worker host reads every upload. An object store
+would implement the same six methods.
 """
 
 from __future__ import annotations
@@ -29,19 +33,21 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .schemas import CdnTokenResponse, CdnUploadResponse, ErrorDetail, UploadInitiateRequest, UploadInitiateResponse
 
-__all__ = ["FileStore", "build_storage_router"]
+__all__ = ["FileStoreBase", "FileStore", "build_storage_router", "clean_content_type", "clean_name"]
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _URL_ID_RE = re.compile(r"/files/([0-9a-f]{32})(?:/|$)")
 _MIME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
 
-def _clean_content_type(value: str | None) -> str:
+def clean_content_type(value: str | None) -> str:
+    """A bare, well-formed MIME type (``application/octet-stream`` otherwise)."""
     value = (value or "").split(";", 1)[0].strip().lower()
     return value if _MIME_RE.match(value) else "application/octet-stream"
 
 
-def _clean_name(name: str | None, content_type: str) -> str:
+def clean_name(name: str | None, content_type: str) -> str:
+    """A file name safe in a URL and on disk (one made up from the type when none is left)."""
     base = os.path.basename((name or "").replace("\\", "/"))
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:128]
     if not base:
@@ -49,7 +55,67 @@ def _clean_name(name: str | None, content_type: str) -> str:
     return base
 
 
-class FileStore:
+class FileStoreBase:
+    """Where uploads live: ``meta``/``create``/``write``/``local_path``/``purge`` per backend; ``put`` and
+    ``resolve_url`` are shared. ``meta`` is ``{name, content_type, size, created_at, state}``; ``state`` is
+    ``pending`` until the bytes are written, then ``ready``."""
+
+    max_bytes: int
+
+    @staticmethod
+    def valid_id(file_id: str) -> bool:
+        return bool(_ID_RE.match(file_id))
+
+    def meta(self, file_id: str) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def create(self, file_name: str | None, content_type: str | None, origin: str | None = None) -> tuple[str, str]:
+        """Reserve a file id for a later PUT; returns ``(id, clean_name)``. ``origin`` is the public base URL
+        the file's URL is built on (only URLs on it are read by path in :meth:`resolve_url`)."""
+        raise NotImplementedError
+
+    def write(self, file_id: str, data: bytes, content_type: str | None = None) -> dict[str, Any]:
+        """Store the bytes of a reserved file; returns its meta (``KeyError`` for an unknown id)."""
+        raise NotImplementedError
+
+    def local_path(self, file_id: str) -> Path | None:
+        """A path on this host holding the bytes of a ready file (``None``: unknown or not uploaded yet)."""
+        raise NotImplementedError
+
+    def purge(self, ttl: float) -> int:
+        """Delete files older than ``ttl`` seconds; returns how many."""
+        raise NotImplementedError
+
+    def put(self, data: bytes, file_name: str | None, content_type: str | None,
+            origin: str | None = None) -> tuple[str, str]:
+        file_id, name = self.create(file_name, content_type, origin)
+        self.write(file_id, data)
+        return file_id, name
+
+    def resolve_url(self, url: str) -> str | None:
+        """Local path of a file this server stored, given its URL: ``{origin}/files/{id}/...`` on the scheme,
+        host, port and path prefix the file was uploaded through (another host's ``/files/`` URL is not ours)."""
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return None
+        if parts.scheme.lower() not in ("http", "https"):
+            return None
+        match = _URL_ID_RE.search(parts.path)
+        if match is None:
+            return None
+        meta = self.meta(match.group(1))
+        if meta is None or meta.get("state") != "ready" or not meta.get("origin"):
+            return None
+        origin = urlsplit(meta["origin"])
+        if (parts.scheme.lower(), parts.netloc.lower()) != (origin.scheme.lower(), origin.netloc.lower()) or \
+                not parts.path.startswith(f"{origin.path.rstrip('/')}/files/{match.group(1)}"):
+            return None
+        local = self.local_path(match.group(1))
+        return None if local is None else str(local)
+
+
+class FileStore(FileStoreBase):
     """Uploaded files under ``root``: ``{id}.bin`` with a ``{id}.json`` sidecar (name, type, size, state)."""
 
     def __init__(self, root: str | Path, *, max_bytes: int = 100 * 1024 * 1024) -> None:
@@ -77,11 +143,9 @@ class FileStore:
             return None
 
     def create(self, file_name: str | None, content_type: str | None, origin: str | None = None) -> tuple[str, str]:
-        """Reserve a file id for a later PUT; returns ``(id, clean_name)``. ``origin`` is the public base URL
-        the file's URL is built on (only URLs on it are read from disk by :meth:`resolve_url`)."""
-        content_type = _clean_content_type(content_type)
+        content_type = clean_content_type(content_type)
         file_id = uuid.uuid4().hex
-        name = _clean_name(file_name, content_type)
+        name = clean_name(file_name, content_type)
         self._write_meta(file_id, {"name": name, "content_type": content_type, "size": 0,
                                    "created_at": time.time(), "state": "pending", "origin": origin})
         return file_id, name
@@ -98,37 +162,16 @@ class FileStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.data_path(file_id))
         if content_type and meta["content_type"] == "application/octet-stream":
-            meta["content_type"] = _clean_content_type(content_type)
+            meta["content_type"] = clean_content_type(content_type)
         meta.update(size=len(data), state="ready")
         self._write_meta(file_id, meta)
         return meta
 
-    def put(self, data: bytes, file_name: str | None, content_type: str | None,
-            origin: str | None = None) -> tuple[str, str]:
-        file_id, name = self.create(file_name, content_type, origin)
-        self.write(file_id, data)
-        return file_id, name
-
-    def resolve_url(self, url: str) -> str | None:
-        """Local path of a file this server stored, given its URL: ``{origin}/files/{id}/...`` on the scheme,
-        host, port and path prefix the file was uploaded through (another host's ``/files/`` URL is not ours)."""
-        try:
-            parts = urlsplit(url)
-        except ValueError:
+    def local_path(self, file_id: str) -> Path | None:
+        meta = self.meta(file_id)
+        if meta is None or meta.get("state") != "ready" or not self.data_path(file_id).exists():
             return None
-        if parts.scheme.lower() not in ("http", "https"):
-            return None
-        match = _URL_ID_RE.search(parts.path)
-        if match is None:
-            return None
-        meta = self.meta(match.group(1))
-        if meta is None or meta.get("state") != "ready" or not meta.get("origin"):
-            return None
-        origin = urlsplit(meta["origin"])
-        if (parts.scheme.lower(), parts.netloc.lower()) != (origin.scheme.lower(), origin.netloc.lower()) or \
-                not parts.path.startswith(f"{origin.path.rstrip('/')}/files/{match.group(1)}"):
-            return None
-        return str(self.data_path(match.group(1)))
+        return self.data_path(file_id)
 
     def purge(self, ttl: float) -> int:
         """Delete files older than ``ttl`` seconds."""
@@ -167,7 +210,7 @@ _RAW_BODY = {"requestBody": {"required": True, "content": {"application/octet-st
     "schema": {"type": "string", "format": "binary"}}}}}
 
 
-def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> APIRouter:
+def build_storage_router(files: FileStoreBase, base_url: Any, cdn_token: str) -> APIRouter:
     """Routes of the storage API; ``base_url(request)`` gives the public origin for returned URLs."""
     router = APIRouter(tags=["storage"])
 
@@ -220,10 +263,11 @@ def build_storage_router(files: FileStore, base_url: Any, cdn_token: str) -> API
     def get_file(file_id: str, name: str) -> Response:
         """A stored file, with the content type it was uploaded with."""
         meta = files.meta(file_id)
-        if meta is None or meta.get("state") != "ready" or not files.data_path(file_id).exists():
+        path = files.local_path(file_id) if meta is not None else None
+        if meta is None or path is None:
             return JSONResponse({"detail": "File not found"}, status_code=404)
         # Uploaded content is served from the API's origin: never let a browser run it as a page.
         headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"}
-        return FileResponse(files.data_path(file_id), media_type=meta["content_type"], headers=headers)
+        return FileResponse(path, media_type=meta["content_type"], headers=headers)
 
     return router

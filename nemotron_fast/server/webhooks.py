@@ -3,9 +3,11 @@
 Every delivery is signed with the server's own ED25519 key (created once in the data dir): the hex signature
 covers ``"{request_id}\\n{user_id}\\n{timestamp}\\n{sha256_hex(raw_body)}"`` and the public key is served at
 ``/.well-known/jwks.json`` as an OKP/Ed25519 JWK. Deliveries are stored with the result (same transaction),
-never follow redirects, and connect to the address that was checked (:mod:`nemotron_fast.netguard`). A failed
-delivery is retried with jittered exponential backoff, except after a 4xx other than 408 and 429: the receiver
-refused that body, and sending it again will not change its answer.
+claimed by one deliverer at a time (any worker process), never follow redirects, and connect to the address that
+was checked (:mod:`nemotron_fast.netguard`). A failed delivery is retried with jittered exponential backoff, except
+after a 4xx other than 408 and 429: the receiver refused that body, and sending it again will not change its
+answer. Every attempt carries ``Idempotency-Key``: one request has one result and one delivery, so the key is the
+same on every retry, from whichever worker, and a receiver drops a repeat after a crash by it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..netguard import AddressNotAllowed, PinnedTransport, is_public_address
-from .store import RequestStore
+from .store import Store
 
 __all__ = ["WebhookSigner", "WebhookDeliverer", "signature_message", "verify_signature", "check_outbound_url",
-           "is_public_address"]
+           "is_public_address", "idempotency_key"]
 
 logger = logging.getLogger("nemotron_fast.server")
 
@@ -44,12 +46,18 @@ def signature_message(request_id: str, user_id: str, timestamp: str, body: bytes
 
 
 class WebhookSigner:
-    """The server's ED25519 webhook key, loaded from (or created in) ``key_path``."""
+    """The server's ED25519 webhook key: loaded from (or created in) ``key_path``, or given as ``pem``."""
 
-    def __init__(self, key_path: str | Path, *, user_id: str = "local") -> None:
+    def __init__(self, key_path: str | Path | None = None, *, user_id: str = "local", pem: bytes | None = None) -> None:
         self.user_id = user_id
-        path = Path(key_path)
-        if path.exists():
+        if pem is not None:  # a key shared by every process of a deployment (kept in the store)
+            key = serialization.load_pem_private_key(pem, password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError("the shared webhook key is not an ED25519 private key")
+            self._key = key
+        elif key_path is None:
+            raise ValueError("WebhookSigner needs a key_path or a pem")
+        elif (path := Path(key_path)).exists():
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"{path} does not hold an ED25519 private key")
@@ -72,13 +80,24 @@ class WebhookSigner:
         x = base64.urlsafe_b64encode(self.public_raw).rstrip(b"=").decode()
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "use": "sig", "alg": "EdDSA"}]}
 
+    @staticmethod
+    def new_pem() -> bytes:
+        """A fresh ED25519 private key as PKCS#8 PEM."""
+        return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption())
+
     def headers(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        """The ``X-Fal-Webhook-*`` headers of one delivery of ``body``."""
+        """The ``X-Fal-Webhook-*`` headers of one delivery of ``body``, and its ``Idempotency-Key``."""
         ts = str(int(time.time()) if timestamp is None else timestamp)
         signature = self._key.sign(signature_message(request_id, self.user_id, ts, body)).hex()
         return {"Content-Type": "application/json", "X-Fal-Webhook-Request-Id": request_id,
                 "X-Fal-Webhook-User-Id": self.user_id, "X-Fal-Webhook-Timestamp": ts,
-                "X-Fal-Webhook-Signature": signature}
+                "X-Fal-Webhook-Signature": signature, "Idempotency-Key": idempotency_key(request_id)}
+
+
+def idempotency_key(request_id: str) -> str:
+    """The ``Idempotency-Key`` of a request's webhook: the same on every attempt (one result, one delivery)."""
+    return f"nemotron-fast-webhook-{request_id}"
 
 
 def verify_signature(jwks: dict[str, Any], headers: dict[str, str], body: bytes, *, max_skew: float = 300.0) -> bool:
@@ -141,7 +160,7 @@ def check_outbound_url(url: str, *, allow_private: bool, resolve: bool = True) -
 class WebhookDeliverer:
     """Background thread: delivers due webhooks with retries and runs periodic housekeeping."""
 
-    def __init__(self, store: RequestStore, signer: WebhookSigner, *, allow_private_urls: bool = False,
+    def __init__(self, store: Store, signer: WebhookSigner, *, allow_private_urls: bool = False,
                  max_attempts: int = 10, backoff_base: float = 5.0, backoff_max: float = 1800.0,
                  timeout: float = 15.0, housekeeping: Callable[[], None] | None = None,
                  housekeeping_interval: float = 60.0) -> None:
