@@ -22,7 +22,7 @@ from .errors import Cancelled, InputValidationError
 from .params import RequestParams, validate_inputs
 from .sampling import GenerationResult, SamplingPolicy, StepEvent
 
-__all__ = ["Pipeline", "default_model_path"]
+__all__ = ["Pipeline", "Prepared", "default_model_path"]
 
 Sampler = Literal["fast", "reference"]
 
@@ -192,6 +192,41 @@ class Pipeline:
                 "block_length": block_length,
                 "slots": [[i, t, self.processor.decode([t]), c] for i, t, c in zip(positions, tokens, confidence)]}
 
+    # ---- the serving engine ------------------------------------------------------------------------------------
+    def prepare(self, inputs: dict[str, Any], *, allow_private_urls: bool = False,
+                allow_local_files: bool = False) -> Prepared:
+        """Validate, fetch and preprocess one request without touching the model (safe on any thread): the
+        input half of :meth:`run`, for :class:`~nemotron_fast.engine.Engine` users such as the server."""
+        p, proc, timings = self._prepare(inputs, allow_private_urls, allow_local_files)
+        return Prepared(p, proc, timings, time.perf_counter())
+
+    def engine_request(self, prep: Prepared, request_id: str, *, solo: bool = False) -> Any:
+        """The :class:`~nemotron_fast.engine.EngineRequest` of a prepared request (tensors moved to the model's
+        device and dtype)."""
+        from .engine import EngineRequest
+
+        if self.sampler != "fast":
+            raise ValueError("the engine runs the fast sampler; use run() for the reference sampler")
+        p, proc, dev = prep.params, prep.proc, self.model.device
+        t0 = time.perf_counter()
+        pix = proc.pixel_values.to(dev, self.model.dtype) if proc.pixel_values is not None else None
+        sizes = proc.image_sizes.to(dev) if proc.image_sizes is not None else None
+        prep.timings["gpu_transfer_time"] = time.perf_counter() - t0
+        steps = p.steps if p.mode == "diffusion" else None
+        return EngineRequest(proc.input_ids[0], p.max_tokens, p.block_length, steps, p.threshold, mode=p.mode,
+                             pixel_values=pix, image_sizes=sizes, request_id=request_id, solo=solo)
+
+    def engine_output(self, prep: Prepared, token_ids: list[int], nfe: int, generation_time: float) -> dict[str, Any]:
+        """The endpoint's output for a request the engine finished: the completion cut to ``max_tokens`` (the
+        endpoint's rule; self-speculation can overshoot), decoded, with its usage and timings."""
+        completion = token_ids[:prep.params.max_tokens]
+        t0 = time.perf_counter()
+        text = self.processor.decode(completion)
+        timings = dict(prep.timings, generation_time=generation_time, decode_time=time.perf_counter() - t0)
+        timings["total_time"] = time.perf_counter() - prep.started + timings["image_validation_time"] + \
+            timings["preprocessing_time"]
+        return _output(text, prep.proc.num_prompt_tokens, completion, nfe, timings)
+
     # ---- many requests ------------------------------------------------------------------------------------------
     def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,
                   allow_local_files: bool = False,
@@ -257,6 +292,17 @@ class Pipeline:
             timings["total_time"] = time.perf_counter() - t_start
             nfe = result.row_nfe[r] if result.row_nfe else result.nfe
             out[i] = _output(text, proc.num_prompt_tokens, result.completion_ids[r], nfe, timings)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A validated, fetched and preprocessed request (:meth:`Pipeline.prepare`): its parameters, the processor's
+    output, the input phases' timings and when preparation finished (``time.perf_counter``)."""
+
+    params: RequestParams
+    proc: Any
+    timings: dict[str, float]
+    started: float
 
 
 def _output(text: str, prompt_tokens: int, completion: list[int], nfe: int, timings: dict[str, float]) -> dict:

@@ -169,6 +169,7 @@ def create_app(pipeline: PipelineLike | None, config: ServerConfig | None = None
                                 "role": config.role, "requests": svc.store.counts()}
         if svc.worker is not None:
             body["worker_id"] = svc.worker.worker_id
+            body["batching"] = "continuous" if hasattr(svc.worker, "engine") else "static"
         return body
 
     if config.role == "worker":

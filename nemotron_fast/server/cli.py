@@ -33,7 +33,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image_url and webhooks reach private, loopback and link-local addresses")
-    p.add_argument("--max-batch", type=int, default=8, help="most queued requests run as one batch (default: 8)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="batch slots: requests generated together (default: 8)")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="continuous: requests join and leave the running batch at block boundaries (the Engine); "
+                        "static: claimed requests run as one batch until its longest row ends (default: continuous)")
     p.add_argument("--result-ttl", type=float, default=86400.0,
                    help="seconds results and uploaded files are kept (default: 86400)")
     p.add_argument("--public-url", default=None,
@@ -68,7 +72,7 @@ def build_config(args: argparse.Namespace) -> object:
                         allow_private_urls=args.allow_private_urls, max_batch=args.max_batch,
                         result_ttl=args.result_ttl, public_url=args.public_url,
                         store=args.store, role=args.role,
-                        lease_ttl=args.lease_ttl, max_attempts=args.max_attempts)
+                        lease_ttl=args.lease_ttl, max_attempts=args.max_attempts, batching=args.batching)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ Paths for app ``owner/alias``: submit ``POST /queue/owner/alias``; status, statu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -247,6 +248,11 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             body = await to_thread.run_sync(
                 lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
             key = (body["status"], body.get("queue_position"))
+            if row.state == "done" and row.started_at is not None and (last_key or ("IN_QUEUE",))[0] == "IN_QUEUE":
+                # it ran and finished between two looks: report the IN_PROGRESS it passed through first
+                running = dataclasses.replace(row, state="running")
+                yield sse_event(json.dumps(await to_thread.run_sync(
+                    lambda running=running: svc.status_body(request, running, with_logs=with_logs, logs=[]))))
             if new_logs or key != last_key:
                 last_key = key
                 last_beat = time.monotonic()

@@ -69,6 +69,7 @@ class ServerConfig:
     role: str = "all"
     lease_ttl: float = 30.0
     worker_id: str | None = None
+    batching: str = "continuous"  # or "static": claimed requests run as one batched generation
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -88,6 +89,8 @@ class ServerConfig:
         self.app_id = "/".join(parts)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', got {self.batching!r}")
         if self.result_ttl <= 0:
             raise ValueError(f"result_ttl must be > 0 seconds, got {self.result_ttl}")
 
@@ -132,9 +135,19 @@ class Service:
         # The storage token: derived from the API key when one is set, so it changes with the key.
         self.cdn_token = hmac.new(secret.encode(), (config.api_key or "").encode(), hashlib.sha256).hexdigest()
         self.steps = StepLog()  # the playground's opt-in step events (in memory)
-        self.worker = None if pipeline is None else ModelWorker(
-            pipeline, self.store, max_batch=config.max_batch, allow_private_urls=config.allow_private_urls,
-            resolve_local=self.files.resolve_url, worker_id=config.worker_id, steps=self.steps)
+        self.worker: ModelWorker | None = None
+        if pipeline is not None:
+            # the Engine needs a real fast-sampler pipeline; the reference sampler (and test fakes) run static batches
+            continuous = config.batching == "continuous" and getattr(pipeline, "sampler", None) == "fast" and \
+                hasattr(pipeline, "engine_request")
+            kind = ModelWorker
+            if continuous:
+                from .engine_worker import EngineWorker  # imports torch: only where a model runs
+
+                kind = EngineWorker
+            self.worker = kind(pipeline, self.store, max_batch=config.max_batch,
+                               allow_private_urls=config.allow_private_urls, resolve_local=self.files.resolve_url,
+                               worker_id=config.worker_id, steps=self.steps)
         self.deliverer = WebhookDeliverer(self.store, self.signer, allow_private_urls=config.allow_private_urls,
                                           max_attempts=config.webhook_max_attempts,
                                           backoff_base=config.webhook_backoff_base, housekeeping=self.housekeeping,
