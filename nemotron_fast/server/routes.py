@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from .. import errors
 from .schemas import CancelResponse, ErrorDetail, NemotronInput, NemotronOutput, QueueStatus, QueueSubmitResponse
 from .service import Service, sse_event
-from .steps import STEPS_FIELD, wants_steps
+from .steps import STEP_LEVEL, STEPS_FIELD, wants_steps
 from .store import RequestRow
 from .webhooks import check_outbound_url
 from .worker import outcome_for_exception
@@ -245,6 +245,7 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             new_logs = await to_thread.run_sync(store.logs, request_id, last_log) if with_logs else []
             if new_logs:
                 last_log = new_logs[-1][0]
+                new_logs = [e for e in new_logs if e[2] != STEP_LEVEL]  # the playground's step events
             body = await to_thread.run_sync(
                 lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
             key = (body["status"], body.get("queue_position"))

@@ -26,7 +26,7 @@ from anyio import to_thread
 from fastapi import Request
 
 from ..params import validate_inputs
-from .steps import StepLog
+from .steps import STEP_LEVEL, StepLog
 from .storage import FileStore, FileStoreBase
 from .store import RequestRow, RequestStore, Store, open_store, parse_store_url
 from .webhooks import WebhookDeliverer, WebhookSigner
@@ -134,7 +134,7 @@ class Service:
             secret = secret_path.read_text().strip()
         # The storage token: derived from the API key when one is set, so it changes with the key.
         self.cdn_token = hmac.new(secret.encode(), (config.api_key or "").encode(), hashlib.sha256).hexdigest()
-        self.steps = StepLog()  # the playground's opt-in step events (in memory)
+        self.steps = StepLog(self.store)  # the playground's opt-in step events, in the store
         self.worker: ModelWorker | None = None
         if pipeline is not None:
             # the Engine needs a real fast-sampler pipeline; the reference sampler (and test fakes) run static batches
@@ -229,7 +229,7 @@ class Service:
         body: dict[str, Any] = {"status": row.wire_status, "request_id": row.id, **self.request_urls(request, row.id)}
         if with_logs:
             entries = self.store.logs(row.id) if logs is None else logs
-            body["logs"] = [format_log(entry) for entry in entries]
+            body["logs"] = [format_log(entry) for entry in entries if entry[2] != STEP_LEVEL]
         else:
             body["logs"] = None
         if row.state == "queued":

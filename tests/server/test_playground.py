@@ -307,3 +307,28 @@ def test_other_modes_stream_the_growing_answer_only(start_server: Any, demo_pipe
     outputs = [e["output"] for e in events if e["type"] == "output"]
     assert outputs and all(result["output"].startswith(text) for text in outputs)
     assert all(len(a) < len(b) for a, b in zip(outputs, outputs[1:]))
+
+
+def test_the_step_stream_reaches_another_api_process(demo_pipeline: Any, tmp_path: Any) -> None:
+    """On a shared PostgreSQL store, a page on an API process (no model) streams the steps a worker recorded."""
+    from nemotron_fast.server.service import ServerConfig
+
+    from .conftest import LiveServer
+    from .pg import fresh_database
+
+    with fresh_database() as url:
+        worker = LiveServer(demo_pipeline, ServerConfig(data_dir=tmp_path / "w", store=url, role="worker")).start()
+        api = LiveServer(None, ServerConfig(data_dir=tmp_path / "a", store=url, role="api")).start()
+        try:
+            inputs = {"image_url": example_uri(), "prompt": "Describe the image.", "block_length": 8,
+                      "stream_steps": True}
+            sub = httpx.post(f"{api.url}/queue/{APP}", json=inputs, timeout=30).json()
+            events = sse(api, f"/queue/{APP}/requests/{sub['request_id']}/steps")
+            result = httpx.get(f"{api.url}/queue/{APP}/requests/{sub['request_id']}", timeout=30).json()
+        finally:
+            api.stop()
+            worker.stop()
+    steps = [e for e in events if e["type"] == "step"]
+    assert len([e for e in steps if e["kind"] == "denoise"]) >= 2 and events[-1]["type"] == "done"
+    assert [e["forwards"] for e in steps] == list(range(1, result["usage"]["num_function_evals"] + 1))
+    assert [e for e in events if e["type"] == "output"][-1]["output"] == result["output"]
