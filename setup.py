@@ -52,7 +52,7 @@ packages = find_packages(include=["nemotron_fast", "nemotron_fast.*"]) + ["nemot
 setup(
     packages=packages,
     package_dir={"nemotron_fast.kernels": "kernels"},
-    package_data={"nemotron_fast": ["demo/assets/**/*", "py.typed"]},
+    package_data={"nemotron_fast": ["demo/assets/**/*", "server/static/*", "py.typed"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

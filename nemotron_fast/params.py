@@ -65,9 +65,10 @@ def _int_field(inputs: dict[str, Any], field: str, errors: list[dict[str, Any]],
     return v
 
 
-def validate_inputs(inputs: Any) -> RequestParams:
+def validate_inputs(inputs: Any, *, max_context: int | None = None) -> RequestParams:
     """Apply the schema: required ``image_url``/``prompt``; ``max_tokens`` >= 1 (default 512); ``block_length``
-    >= 1 (32); ``threshold`` in [0, 1] (0.9); ``num_inference_steps`` (alias ``inference_steps``): explicit
+    >= 1 (32); both at most ``MAX_TOKENS_LIMIT`` and, given the model's context length ``max_context``, at most
+    that; ``threshold`` in [0, 1] (0.9); ``num_inference_steps`` (alias ``inference_steps``): explicit
     values must be >= and divisible by ``num_blocks = ceil(max_tokens / block_length)``, an omitted one is 256
     rounded up to the next multiple of ``num_blocks``. Unknown fields are ignored, as the hosted endpoint does.
 
@@ -92,10 +93,17 @@ def validate_inputs(inputs: Any) -> RequestParams:
             strings[field] = v
     max_tokens = _int_field(inputs, "max_tokens", errors, 1)
     block_length = _int_field(inputs, "block_length", errors, 1)
-    if max_tokens is not None and max_tokens > MAX_TOKENS_LIMIT:
-        errors.append(_err("max_tokens", f"Input should be less than or equal to {MAX_TOKENS_LIMIT}",
-                           "less_than_equal", max_tokens))
+    limit, why = MAX_TOKENS_LIMIT, ""
+    if max_context is not None and max_context < limit:
+        limit, why = max_context, f" (the model's context length is {max_context} tokens)"
+    if max_tokens is not None and max_tokens > limit:
+        errors.append(_err("max_tokens", f"Input should be less than or equal to {limit}{why}", "less_than_equal",
+                           max_tokens))
         max_tokens = None
+    if block_length is not None and block_length > limit:
+        errors.append(_err("block_length", f"Input should be less than or equal to {limit}{why}", "less_than_equal",
+                           block_length))
+        block_length = None
     threshold = inputs.get("threshold", DEFAULTS["threshold"])
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         errors.append(_err("threshold", "Input should be a valid number between 0 and 1", "float_type", threshold))

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,13 +61,15 @@ def png_path(tmp_path_factory) -> Path:
 
 class _Slow(BaseHTTPRequestHandler):
     release = threading.Event()
+    answered = False
 
     def log_message(self, *a) -> None:
         pass
 
     def do_GET(self) -> None:
         if self.path == "/slow":
-            self.release.wait(10)
+            self.release.wait(30)
+            _Slow.answered = True
         if self.path == "/missing":
             self.send_response(404)
             self.send_header("Content-Length", "0")
@@ -96,7 +97,7 @@ SMALL = {"prompt": "Describe the image.", "max_tokens": 40, "block_length": 16, 
 
 
 def test_output_schema_and_usage(pipe: Pipeline, png_path: Path) -> None:
-    out = pipe.run({**SMALL, "image_url": str(png_path)})
+    out = pipe.run({**SMALL, "image_url": str(png_path)}, allow_local_files=True)
     assert set(out) == OUTPUT_KEYS and set(out["usage"]) == USAGE_KEYS and set(out["timings"]) == TIMING_KEYS
     assert isinstance(out["output"], str)
     u, t = out["usage"], out["timings"]
@@ -113,7 +114,7 @@ def test_output_schema_and_usage(pipe: Pipeline, png_path: Path) -> None:
 def test_fast_and_reference_pipelines_agree(pipe: Pipeline, png_path: Path) -> None:
     ref = Pipeline(pipe.model, sampler="reference")
     inputs = {**SMALL, "image_url": str(png_path), "threshold": 0.5}
-    a, b = pipe.run(inputs), ref.run(inputs)
+    a, b = pipe.run(inputs, allow_local_files=True), ref.run(inputs, allow_local_files=True)
     assert a["output"] == b["output"] and a["usage"] == b["usage"]
 
 
@@ -153,36 +154,61 @@ def _bad_images(tmp: Path, http: str) -> list[tuple[str, str]]:
     ]
 
 
-def test_every_bad_image_is_a_clear_error_quickly(pipe: Pipeline, tmp_path: Path, http: str) -> None:
+def test_every_bad_image_is_a_clear_error(pipe: Pipeline, tmp_path: Path, http: str) -> None:
     for source, words in _bad_images(tmp_path, http):
-        t0 = time.perf_counter()
         with pytest.raises(ImageError) as ei:
-            pipe.run({**SMALL, "image_url": source})
-        assert time.perf_counter() - t0 < 5, source
+            pipe.run({**SMALL, "image_url": source}, allow_private_urls=True, allow_local_files=True)
         err = ei.value.errors[0]
         assert err["loc"] == ["body", "image_url"]
         assert any(w.lower() in err["msg"].lower() for w in words.split("|")), (source, err["msg"])
+    assert not _Slow.answered  # the slow URL failed on the fetch timeout, while its server was still holding it
 
 
-def test_private_urls_refused_when_asked(pipe: Pipeline, http: str) -> None:
-    with pytest.raises(ImageError, match="(?i)private|loopback|not allowed"):
-        pipe.run({**SMALL, "image_url": f"{http}/ok.png"}, allow_private_urls=False)
-    assert pipe.run({**SMALL, "image_url": f"{http}/ok.png"})["usage"]["completion_tokens"] > 0
+def test_private_urls_and_local_paths_refused_unless_asked(pipe: Pipeline, http: str, png_path: Path) -> None:
+    with pytest.raises(ImageError, match="non-public") as ei:
+        pipe.run({**SMALL, "image_url": f"{http}/ok.png"})
+    assert ei.value.errors[0]["type"] == "image_url_forbidden"
+    for path in (str(png_path), png_path.as_posix(), "relative/x.png"):
+        with pytest.raises(ImageError, match="local files") as ei:
+            pipe.run({**SMALL, "image_url": path})
+        assert ei.value.errors[0]["type"] == "image_local_file_forbidden"
+    batch = pipe.run_batch([{**SMALL, "image_url": str(png_path)}, {**SMALL, "image_url": f"{http}/ok.png"}])
+    assert [e.errors[0]["type"] for e in batch] == ["image_local_file_forbidden", "image_url_forbidden"]
+    assert pipe.run({**SMALL, "image_url": f"{http}/ok.png"}, allow_private_urls=True)["usage"]["completion_tokens"]
+    assert pipe.run({**SMALL, "image_url": str(png_path)}, allow_local_files=True)["usage"]["completion_tokens"]
+
+
+def test_lengths_bounded_by_the_model_context(ckpt_factory, png_path: Path) -> None:
+    p = Pipeline.from_pretrained(ckpt_factory(vlm=True, seed=31, max_position_embeddings=128))
+    assert p.max_context == 128  # read from the checkpoint's config.json
+    for field in ("max_tokens", "block_length"):
+        with pytest.raises(InputValidationError) as ei:
+            p.validate({**SMALL, "image_url": "x", field: 129, "num_inference_steps": None})
+        err = ei.value.errors[0]
+        assert err["loc"] == ["body", field] and err["type"] == "less_than_equal" and "context length is 128" in \
+            err["msg"]
+    assert p.validate({**SMALL, "image_url": "x", "max_tokens": 128, "block_length": 128}).max_tokens == 128
+    # the prompt (image tokens included) plus the completion in whole blocks must fit the context too
+    with pytest.raises(InputValidationError, match="context length of 128") as ei:
+        p.run({**SMALL, "image_url": str(png_path), "max_tokens": 112, "block_length": 16,
+               "num_inference_steps": 7}, allow_local_files=True)
+    assert ei.value.errors[0]["loc"] == ["body", "max_tokens"]
 
 
 def test_text_checkpoint_rejects_images(ckpt_factory, png_path: Path) -> None:
     p = Pipeline.from_pretrained(ckpt_factory(vlm=False, seed=1))
     with pytest.raises(InputValidationError, match="text model"):
-        p.run({**SMALL, "image_url": str(png_path)})
+        p.run({**SMALL, "image_url": str(png_path)}, allow_local_files=True)
 
 
 def test_progress_and_cancel(pipe: Pipeline, png_path: Path) -> None:
     seen: list[str] = []
-    pipe.run({**SMALL, "image_url": str(png_path)}, on_progress=seen.append)
+    pipe.run({**SMALL, "image_url": str(png_path)}, on_progress=seen.append, allow_local_files=True)
     assert 1 <= len(seen) <= 3
     calls = []
     with pytest.raises(Cancelled):
-        pipe.run({**SMALL, "image_url": str(png_path)}, should_cancel=lambda: calls.append(1) or True)
+        pipe.run({**SMALL, "image_url": str(png_path)}, should_cancel=lambda: calls.append(1) or True,
+                 allow_local_files=True)
     assert len(calls) == 1
 
 
@@ -192,10 +218,10 @@ def test_run_batch_equals_single_runs(pipe: Pipeline, png_path: Path, tmp_path: 
     reqs = [{**SMALL, "image_url": str(png_path)}, {**SMALL, "image_url": str(other), "prompt": "What is it?"},
             {**SMALL, "image_url": str(other), "max_tokens": 0},
             {**SMALL, "image_url": str(png_path), "threshold": 0.3, "prompt": "Say something longer please."}]
-    batch = pipe.run_batch(reqs)
+    batch = pipe.run_batch(reqs, allow_local_files=True)
     assert isinstance(batch[2], InputValidationError)
     for i in (0, 1, 3):
-        single = pipe.run(reqs[i])
+        single = pipe.run(reqs[i], allow_local_files=True)
         assert batch[i]["output"] == single["output"] and batch[i]["usage"] == single["usage"], i
 
 
@@ -214,7 +240,8 @@ def test_cli_json_and_errors(ckpt_factory, png_path: Path) -> None:
 def test_run_batch_stops_a_fully_cancelled_group_at_the_next_block(pipe: Pipeline, png_path: Path) -> None:
     calls: list[int] = []
     reqs = [{**SMALL, "image_url": str(png_path)}, {**SMALL, "image_url": str(png_path), "prompt": "Hi there."}]
-    out = pipe.run_batch(reqs, should_cancel=[lambda: calls.append(0) or True, lambda: calls.append(1) or True])
+    out = pipe.run_batch(reqs, should_cancel=[lambda: calls.append(0) or True, lambda: calls.append(1) or True],
+                         allow_local_files=True)
     assert all(isinstance(o, Cancelled) for o in out)
     # one poll per row after the first block, one more per row when the results are assembled
     assert len(calls) == 4

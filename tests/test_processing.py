@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +28,6 @@ from nemotron_fast.processing import (
     num_image_tokens,
     preprocess_image,
 )
-from nemotron_fast.processing import images as images_mod
 from nemotron_fast.processing.text import chatml_prompt
 from nemotron_fast.testing import write_tiny_checkpoint
 
@@ -133,15 +130,22 @@ def test_directory_and_too_large_file(tmp_path: Path) -> None:
     assert _err(load_image, uri, max_bytes=100).errors[0]["type"] == "image_too_large"
 
 
-def test_too_many_pixels_checked_before_decoding() -> None:
+def test_too_many_pixels_checked_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     # Decoded, these would need 243 MB and 3.6 GB; the header alone must be enough to refuse them. The first is
     # over our 50 M default but under PIL's own guard, the second trips PIL's guard at open time.
-    t0 = time.perf_counter()
+    loads: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def spy(img: Image.Image):
+        loads.append(img.size)
+        return real_load(img)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
     err = _err(load_image, _png_header_only(9000, 9000))
     assert err.errors[0]["type"] == "image_too_many_pixels" and "9000x9000" in str(err)
     err = _err(load_image, _png_header_only(60000, 60000))
     assert err.errors[0]["type"] == "image_too_many_pixels"
-    assert time.perf_counter() - t0 < 1.0
+    assert loads == []  # refused from the header: the pixel data was never decoded
     assert _err(load_image, _png((40, 40)), max_pixels=1000).errors[0]["type"] == "image_too_many_pixels"
     assert load_image(_png((40, 40)), max_pixels=1600).size == (40, 40)
     assert _err(load_image, Image.new("RGB", (50, 50)), max_pixels=100).errors[0]["type"] == "image_too_many_pixels"
@@ -161,6 +165,7 @@ def test_pil_bomb_guard_becomes_image_error(monkeypatch: pytest.MonkeyPatch, pix
 class _Handler(BaseHTTPRequestHandler):
     png = b""
     release = threading.Event()
+    slow_answered = False
     hits: list[str] = []
 
     def log_message(self, *args) -> None:
@@ -178,23 +183,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.hits.append(self.path)
-        port = self.server.server_address[1]
         if self.path == "/ok.png":
             self._send(200, self.png, {"Content-Type": "image/png"})
         elif self.path == "/missing":
             self._send(404, b"nope")
         elif self.path == "/slow":
-            self.release.wait(5)
+            self.release.wait(30)
+            _Handler.slow_answered = True
             self._send(200, self.png)
         elif self.path == "/big":
             self._send(200, b"\0" * 50_000)
         elif self.path == "/big-chunked":
             self.protocol_version = "HTTP/1.0"
             self._send(200, b"\0" * 50_000, length=False)
-        elif self.path == "/redirect-loopback":
-            self._send(302, headers={"Location": f"http://127.0.0.1:{port}/ok.png"})
-        elif self.path == "/redirect-metadata":
-            self._send(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
         elif self.path == "/redirect-relative":
             self._send(301, headers={"Location": "/ok.png"})
         elif self.path == "/loop":
@@ -239,10 +240,9 @@ def test_url_failures(server: str, path: str, kind: str, text: str) -> None:
 
 
 def test_url_timeout(server: str) -> None:
-    t0 = time.perf_counter()
     err = _err(load_image, f"http://{server}/slow", timeout=0.3)
     assert err.errors[0]["type"] == "image_fetch_timeout"
-    assert time.perf_counter() - t0 < 3.0
+    assert "/slow" in _Handler.hits and not _Handler.slow_answered  # it gave up while the server still held it
 
 
 def test_localhost_refused_without_request(server: str) -> None:
@@ -259,27 +259,6 @@ def test_localhost_refused_without_request(server: str) -> None:
 def test_private_literals_refused(host: str) -> None:
     err = _err(fetch_url_bytes, f"http://{host}/x.png", timeout=1, max_bytes=1000, allow_private=False)
     assert err.errors[0]["type"] == "image_url_forbidden"
-
-
-def test_redirect_to_private_refused(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first hop passes the check (its host is made to look public); the redirect target must not."""
-    port = server.rsplit(":", 1)[1]
-    real = socket.getaddrinfo
-
-    def fake(host, *args, **kw):
-        if host == "localhost":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]
-        return real(host, *args, **kw)
-
-    monkeypatch.setattr(images_mod, "_getaddrinfo", fake)
-    _Handler.hits.clear()
-    err = _err(load_image, f"http://localhost:{port}/redirect-loopback", allow_private=False, timeout=5)
-    assert err.errors[0]["type"] == "image_url_forbidden" and "127.0.0.1" in str(err)
-    assert _Handler.hits == ["/redirect-loopback"]
-    err = _err(load_image, f"http://localhost:{port}/redirect-metadata", allow_private=False, timeout=5)
-    assert err.errors[0]["type"] == "image_url_forbidden" and "169.254.169.254" in str(err)
-    # the same redirect is followed when private addresses are allowed
-    assert load_image(f"http://localhost:{port}/redirect-loopback", timeout=5).size == (21, 13)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ here lets a traceback, a hang or an unbounded allocation through. Limits:
   own decompression-bomb guard is turned into the same error;
 - time: ``timeout`` seconds for each network operation and for the whole download;
 - network: with ``allow_private=False`` every hop (redirects are followed by hand) must resolve only to public
-  addresses; environment proxies are ignored so the check cannot be bypassed.
+  addresses, and the connection goes to the address that was checked (one DNS lookup per hop, see
+  :mod:`nemotron_fast.netguard`); environment proxies are ignored so the check cannot be bypassed;
+- local files: a path (``str`` or ``os.PathLike``) is read only with ``allow_local_files=True``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
 import os
 import re
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from urllib.parse import urljoin, urlsplit
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..netguard import AddressNotAllowed, PinnedTransport
 
 __all__ = [
     "load_image",
@@ -47,8 +48,6 @@ DEFAULT_MAX_PIXELS = 50_000_000
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _MAX_REDIRECTS = 5
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# Module-level alias so tests can fake DNS for the address check without touching httpx's own resolution.
-_getaddrinfo = socket.getaddrinfo
 
 
 @dataclass(frozen=True)
@@ -64,26 +63,7 @@ def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
 
-def _check_public(host: str) -> None:
-    """Refuse ``host`` unless every address it resolves to is public (not private/loopback/link-local/...)."""
-    try:
-        infos = _getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError, OSError) as exc:
-        raise ImageError(f"could not resolve the image URL host {host!r}: {exc}", "image_fetch_error") from exc
-    if not infos:
-        raise ImageError(f"could not resolve the image URL host {host!r}", "image_fetch_error")
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        bad = (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_reserved
-               or addr.is_unspecified or not addr.is_global)
-        if bad:
-            raise ImageError(f"the image URL host {host!r} resolves to a non-public address ({addr}); fetching it "
-                             "is not allowed", "image_url_forbidden")
-
-
-def _check_url(url: str, allow_private: bool) -> None:
+def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         scheme, host = parts.scheme.lower(), parts.hostname
@@ -94,15 +74,14 @@ def _check_url(url: str, allow_private: bool) -> None:
                          "image_url_invalid")
     if not host:
         raise ImageError(f"the image URL {url!r} has no host", "image_url_invalid")
-    if not allow_private:
-        _check_public(host)
 
 
 def fetch_url_bytes(url: str, *, timeout: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES,
                     allow_private: bool = True) -> FetchedBytes:
     """Download ``url`` (http/https) with a byte limit and a time limit, following up to 5 redirects by hand.
 
-    Each hop is re-checked (scheme, host and, with ``allow_private=False``, the resolved addresses). Raises
+    Each hop is re-checked (scheme, host and, with ``allow_private=False``, the resolved addresses, which are
+    the addresses connected to: :class:`~nemotron_fast.netguard.PinnedTransport`). Raises
     :class:`ImageError` on a bad URL, a refused address, an HTTP error status, a timeout, a body over
     ``max_bytes`` or an empty body.
     """
@@ -111,9 +90,10 @@ def fetch_url_bytes(url: str, *, timeout: float = 10.0, max_bytes: int = DEFAULT
     deadline = time.monotonic() + timeout
     current = url
     try:
-        with httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False) as client:
+        with httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False, trust_env=False,
+                          transport=PinnedTransport(allow_private=allow_private)) as client:
             for _ in range(_MAX_REDIRECTS + 1):
-                _check_url(current, allow_private)
+                _check_url(current)
                 with client.stream("GET", current, headers={"Accept": "image/*"}) as resp:
                     if resp.is_redirect:
                         loc = resp.headers.get("location")
@@ -143,6 +123,9 @@ def fetch_url_bytes(url: str, *, timeout: float = 10.0, max_bytes: int = DEFAULT
                     mime = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
                     return FetchedBytes(bytes(buf), mime, current)
             raise ImageError(f"the image URL redirected more than {_MAX_REDIRECTS} times", "image_fetch_error")
+    except AddressNotAllowed as exc:
+        raise ImageError(f"the image URL host {exc}; fetching non-public addresses is not allowed",
+                         "image_url_forbidden") from exc
     except httpx.TimeoutException as exc:
         raise ImageError(f"fetching the image URL timed out after {timeout:g} s", "image_fetch_timeout") from exc
     except httpx.InvalidURL as exc:
@@ -261,11 +244,15 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allow_private: bool = True,
+    allow_local_files: bool = True,
 ) -> Image.Image:
     """Load one image and validate it; the result is fully decoded (its mode is whatever the file holds).
 
     ``source``: a PIL image (size-checked and returned as is), raw bytes, a local path, an ``http(s)://`` URL or
-    a ``data:<mime>;base64,...`` URI. Raises :class:`~nemotron_fast.errors.ImageError` on every failure.
+    a ``data:<mime>;base64,...`` URI. This low-level loader reads what it is given; ``allow_private=False``
+    refuses non-public URL hosts and ``allow_local_files=False`` refuses paths (what
+    :meth:`nemotron_fast.Pipeline.run` does unless asked). Raises :class:`~nemotron_fast.errors.ImageError` on
+    every failure.
     """
     if isinstance(source, Image.Image):
         w, h = source.size
@@ -280,6 +267,7 @@ def load_image(
                              "image_too_large")
         return decode_image_bytes(data, max_pixels=max_pixels)
     if isinstance(source, os.PathLike):
+        _check_local_allowed(str(source), allow_local_files)
         return decode_image_bytes(_read_file(Path(source), max_bytes), max_pixels=max_pixels)
     if not isinstance(source, str):
         raise ImageError(f"unsupported image source of type {type(source).__name__}", "image_invalid")
@@ -292,4 +280,11 @@ def load_image(
     if _SCHEME_RE.match(text):
         fetched = fetch_url_bytes(text, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private)
         return decode_image_bytes(fetched.data, max_pixels=max_pixels)
+    _check_local_allowed(text, allow_local_files)
     return decode_image_bytes(_read_file(Path(text), max_bytes), max_pixels=max_pixels)
+
+
+def _check_local_allowed(path: str, allow_local_files: bool) -> None:
+    if not allow_local_files:
+        raise ImageError(f"reading local files is not allowed (got the path {path[:200]!r}); pass an http(s) URL "
+                         "or a data: URI, or allow local files explicitly", "image_local_file_forbidden")

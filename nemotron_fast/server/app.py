@@ -1,6 +1,8 @@
 """The FastAPI application: middleware (auth, body size, CORS), error handlers, lifespan and route wiring.
 
-``create_app(pipeline, config)`` is the whole server; ``nemotron-fast serve`` wraps it in uvicorn. Every error
+``create_app(pipeline, config)`` is the whole server; ``nemotron-fast serve`` wraps it in uvicorn. With
+``config.role == "api"`` the pipeline may be ``None`` (no model: requests run on worker processes); with
+``"worker"`` the app serves only ``/health``. Every error
 is JSON: 422 ``{"detail": [...]}`` for schema rules, 4xx for caller mistakes, 401 when ``api_key`` is set and
 the caller does not send it; a 500 only for a bug (then as JSON too).
 """
@@ -14,14 +16,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from .. import __version__, errors
 from .openai_compat import build_openai_router
-from .routes import build_queue_router
+from .playground import build_playground_router
+from .routes import build_queue_router, error_detail
 from .service import ServerConfig, Service
 from .storage import build_storage_router
 from .worker import PipelineLike
@@ -36,8 +39,11 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 
 
 def _public_path(method: str, path: str) -> bool:
-    """Routes that never need the API key: preflight, file reads, upload PUTs (capability URL), key + docs."""
+    """Routes that never need the API key: preflight, file reads, upload PUTs (capability URL), key + docs, and
+    the playground's static page (it sends the key the user types with its API calls)."""
     if method == "OPTIONS":
+        return True
+    if method in ("GET", "HEAD") and (path in ("/", "/playground") or path.startswith("/playground/")):
         return True
     if method in ("GET", "HEAD") and (path.startswith("/files/") or path in (
             "/.well-known/jwks.json", "/health", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect")):
@@ -45,8 +51,20 @@ def _public_path(method: str, path: str) -> bool:
     return method == "PUT" and path.startswith("/storage/upload/")
 
 
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body (declared or chunked) has passed the cap; answered with a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"Request body larger than {limit} bytes")
+
+
 class GuardMiddleware:
-    """Pure ASGI middleware: rejects oversized bodies (413) and, with an API key, unauthenticated calls (401)."""
+    """Pure ASGI middleware: rejects oversized bodies (413) and, with an API key, unauthenticated calls (401).
+
+    A declared ``Content-Length`` over the cap is refused before the app runs; a body without one (chunked) is
+    counted as it streams in, and the read that passes the cap raises :class:`BodyTooLarge` (FastAPI re-raises
+    an ``HTTPException`` from body parsing, and routes that stream the body see it too), so the app never holds
+    more than the cap."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, cdn_token: str, max_body_bytes: int) -> None:
         self.app = app
@@ -75,7 +93,29 @@ class GuardMiddleware:
                 await _send_json(send, 401, {"detail": "Invalid or missing API key: send 'Authorization: Key <key>'"},
                                  extra=[(b"www-authenticate", b'Key realm="nemotron-fast"')])
                 return
-        await self.app(scope, receive, send)
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _send_json(send, 413, {"detail": exc.detail})
 
 
 async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, body: dict[str, Any],
@@ -86,7 +126,7 @@ async def _send_json(send: Callable[[Message], Awaitable[None]], status: int, bo
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> FastAPI:
+def create_app(pipeline: PipelineLike | None, config: ServerConfig | None = None) -> FastAPI:
     """The server as an ASGI app. Threads (model worker, webhooks) run while its lifespan is active."""
     config = config or ServerConfig()
     svc = Service(pipeline, config)
@@ -114,15 +154,7 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = []
-        for err in exc.errors():
-            # ``input`` may echo a megabyte data URI or a non-JSON object; ``ctx`` may hold exceptions.
-            item = {k: v for k, v in err.items() if k in ("loc", "msg", "type")}
-            if "ctx" in err:
-                item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                               for k, v in err["ctx"].items()}
-            detail.append(item)
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": error_detail(exc.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -131,9 +163,17 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
 
     @app.get("/health", tags=["server"])
     def health() -> dict[str, Any]:
-        """Liveness: the worker thread is alive, and the number of requests per state."""
-        return {"status": "ok" if svc.worker.alive else "worker_stopped", "app_id": config.app_id,
-                "requests": svc.store.counts()}
+        """Liveness: the worker thread is alive (roles that run the model), the role, requests per state."""
+        alive = svc.worker is None or svc.worker.alive
+        body: dict[str, Any] = {"status": "ok" if alive else "worker_stopped", "app_id": config.app_id,
+                                "role": config.role, "requests": svc.store.counts()}
+        if svc.worker is not None:
+            body["worker_id"] = svc.worker.worker_id
+            body["batching"] = "continuous" if hasattr(svc.worker, "engine") else "static"
+        return body
+
+    if config.role == "worker":
+        return app
 
     @app.get("/.well-known/jwks.json", tags=["webhooks"])
     def jwks() -> dict[str, Any]:
@@ -143,6 +183,7 @@ def create_app(pipeline: PipelineLike, config: ServerConfig | None = None) -> Fa
     app.include_router(build_queue_router(svc))
     app.include_router(build_storage_router(svc.files, svc.base_url, svc.cdn_token))
     app.include_router(build_openai_router(svc))
+    app.include_router(build_playground_router(svc))
     app.add_middleware(GuardMiddleware, api_key=config.api_key, cdn_token=svc.cdn_token,  # type: ignore[arg-type]
                        max_body_bytes=config.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],  # type: ignore[arg-type]

@@ -33,7 +33,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image_url and webhooks reach private, loopback and link-local addresses")
-    p.add_argument("--max-batch", type=int, default=8, help="most queued requests run as one batch (default: 8)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="batch slots: requests generated together (default: 8)")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="continuous: requests join and leave the running batch at block boundaries (the Engine); "
+                        "static: claimed requests run as one batch until its longest row ends (default: continuous)")
     p.add_argument("--result-ttl", type=float, default=86400.0,
                    help="seconds results and uploaded files are kept (default: 86400)")
     p.add_argument("--public-url", default=None,
@@ -42,6 +46,19 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: the pipeline's choice for the device)")
     p.add_argument("--sampler", default="fast", choices=["fast", "reference"], help="sampler (default: fast)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="the queue and results: sqlite:///path (default: SQLite in --data-dir; one process) or "
+                        "postgresql://user:pass@host:port/db (shared by any number of processes, see README "
+                        "'Deployment')")
+    p.add_argument("--role", default="all", choices=["all", "api", "worker"],
+                   help="all: API and model in this process (default); api: HTTP API only, no model loaded; "
+                        "worker: runs requests and webhooks, serves only /health on --port (api/worker need a "
+                        "postgresql:// store)")
+    p.add_argument("--lease-ttl", type=float, default=30.0,
+                   help="seconds a worker's claim on a request lasts without renewal (renewed every third); a "
+                        "request of a dead worker runs again after this (PostgreSQL store; default: 30)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="runs a request may be interrupted (crash, lost worker) before it is failed (default: 3)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return p
@@ -53,24 +70,34 @@ def build_config(args: argparse.Namespace) -> object:
 
     return ServerConfig(data_dir=args.data_dir or default_data_dir(), app_id=args.app_id, api_key=args.api_key or None,
                         allow_private_urls=args.allow_private_urls, max_batch=args.max_batch,
-                        result_ttl=args.result_ttl, public_url=args.public_url)
+                        result_ttl=args.result_ttl, public_url=args.public_url,
+                        store=args.store, role=args.role,
+                        lease_ttl=args.lease_ttl, max_attempts=args.max_attempts, batching=args.batching)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the model, build the app and serve it with uvicorn until interrupted; returns the exit code."""
+    """Load the model (not for ``--role api``), build the app and serve it with uvicorn until interrupted;
+    returns the exit code."""
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
-    import torch
     import uvicorn
 
-    from ..pipeline import Pipeline
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipeline = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, sampler=args.sampler)
+    try:
+        config = build_config(args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    pipeline = None
+    if config.role != "api":  # type: ignore[attr-defined]
+        import torch
+
+        from ..pipeline import Pipeline
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        pipeline = Pipeline.from_pretrained(args.model, device=device, dtype=dtype, sampler=args.sampler)
     app = create_app(pipeline, config)  # type: ignore[arg-type]
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                 log_level=args.log_level, timeout_graceful_shutdown=10)

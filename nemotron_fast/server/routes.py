@@ -8,6 +8,7 @@ Paths for app ``owner/alias``: submit ``POST /queue/owner/alias``; status, statu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,21 +17,40 @@ from typing import Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
 from .. import errors
 from .schemas import CancelResponse, ErrorDetail, NemotronInput, NemotronOutput, QueueStatus, QueueSubmitResponse
 from .service import Service, sse_event
+from .steps import STEP_LEVEL, STEPS_FIELD, wants_steps
 from .store import RequestRow
 from .webhooks import check_outbound_url
+from .worker import outcome_for_exception
 
-__all__ = ["build_queue_router", "result_response", "validation_error"]
+__all__ = ["build_queue_router", "error_detail", "result_response", "validation_error"]
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _ERRORS: dict[int | str, dict[str, Any]] = {422: {"model": ErrorDetail}}
+# The queue reads its body itself (an invalid input is queued and fails there), yet publishes the input schema.
+_INPUT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/NemotronInput"}}}}}
 
 
 def validation_error(detail: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+def error_detail(errors: Any, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Pydantic errors as a JSON-safe 422 ``detail``: ``loc`` (after ``prefix``), ``msg``, ``type`` and a plain
+    ``ctx``; ``input`` is left out (it may echo a megabyte data URI or a non-JSON object)."""
+    detail = []
+    for err in errors:
+        item: dict[str, Any] = {"loc": [*prefix, *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        if "ctx" in err:
+            item["ctx"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                           for k, v in err["ctx"].items()}
+        detail.append(item)
+    return detail
 
 
 def not_found(request_id: str) -> JSONResponse:
@@ -61,26 +81,48 @@ def build_queue_router(svc: Service) -> APIRouter:
             return validation_error(list(exc.errors))
         return inputs
 
-    @router.post(f"/queue/{app_id}", response_model=QueueSubmitResponse, responses=_ERRORS, tags=["queue"])
-    def submit(request: Request, body: NemotronInput,
-               fal_webhook: str | None = Query(None, max_length=4096,
-                                               description="URL that receives the result as a signed POST."),
-               x_fal_queue_priority: Literal["normal", "low"] | None = Header(None),
-               x_fal_request_timeout: float | None = Header(None, gt=0, allow_inf_nan=False,
-                                                            description="Seconds the request may wait to start.")
-               ) -> JSONResponse:
-        """Queue a request; poll ``status_url``, fetch ``response_url``, or ``PUT cancel_url``."""
-        inputs = check_inputs(body)
-        if isinstance(inputs, JSONResponse):
-            return inputs
+    def refusal(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """``(inputs, None)`` for a valid body, else ``(what could be read of it, the 422 detail)``."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            pos = getattr(exc, "pos", 0)
+            return {}, [{"loc": ["body", pos], "msg": "JSON decode error", "type": "json_invalid",
+                         "ctx": {"error": getattr(exc, "msg", str(exc))}}]
+        try:
+            inputs = NemotronInput.model_validate(data).to_pipeline()
+        except ValidationError as exc:
+            return (data if isinstance(data, dict) else {}), error_detail(exc.errors(), ("body",))
+        try:
+            svc.validate(inputs)
+        except errors.InputValidationError as exc:
+            return inputs, list(exc.errors)
+        return inputs, None
+
+    @router.post(f"/queue/{app_id}", response_model=QueueSubmitResponse, responses=_ERRORS, tags=["queue"],
+                 openapi_extra=_INPUT_BODY)
+    async def submit(request: Request,
+                     fal_webhook: str | None = Query(None, max_length=4096,
+                                                     description="URL that receives the result as a signed POST."),
+                     x_fal_queue_priority: Literal["normal", "low"] | None = Header(None),
+                     x_fal_request_timeout: float | None = Header(None, gt=0, allow_inf_nan=False,
+                                                                  description="Seconds the request may wait to start.")
+                     ) -> JSONResponse:
+        """Queue a request; poll ``status_url``, fetch ``response_url``, or ``PUT cancel_url``.
+
+        As on the hosted queue, an invalid input is accepted too: it gets a request id and is COMPLETED at once
+        with the error (its result is the 422 with the ``detail`` list, its webhook ``status: "ERROR"``). Only a
+        bad ``fal_webhook`` or queue header is answered 422 here."""
         if fal_webhook is not None:
-            refusal = check_outbound_url(fal_webhook, allow_private=svc.config.allow_private_urls, resolve=False)
-            if refusal is not None:
-                return validation_error([{"loc": ["query", "fal_webhook"], "msg": f"fal_webhook {refusal}",
+            why = check_outbound_url(fal_webhook, allow_private=svc.config.allow_private_urls, resolve=False)
+            if why is not None:
+                return validation_error([{"loc": ["query", "fal_webhook"], "msg": f"fal_webhook {why}",
                                           "type": "value_error", "input": fal_webhook}])
-        request_id, position = store.submit(inputs, webhook_url=fal_webhook,
-                                            priority=1 if x_fal_queue_priority == "low" else 0,
-                                            start_timeout=x_fal_request_timeout)
+        inputs, detail = await to_thread.run_sync(refusal, await request.body())
+        outcome = outcome_for_exception(errors.InputValidationError(detail)) if detail else None
+        request_id, position = await to_thread.run_sync(lambda: store.submit(
+            inputs, webhook_url=fal_webhook, priority=1 if x_fal_queue_priority == "low" else 0,
+            start_timeout=x_fal_request_timeout, outcome=outcome))
         body_out = {"status": "IN_QUEUE", "request_id": request_id, "gateway_request_id": request_id,
                     **svc.request_urls(request, request_id), "queue_position": position}
         return JSONResponse(body_out, headers={"x-fal-request-id": request_id})
@@ -122,6 +164,18 @@ def build_queue_router(svc: Service) -> APIRouter:
             202, "CANCELLATION_REQUESTED")
         return JSONResponse({"status": status_text}, status_code=code, headers={"x-fal-request-id": request_id})
 
+    async def steps_stream(request_id: str) -> Any:
+        """Server-sent step events of a request submitted with ``"stream_steps": true`` (see ``server.steps``)."""
+        row = await to_thread.run_sync(store.get, request_id)
+        if row is None:
+            return not_found(request_id)
+        if not wants_steps(row.input):
+            return JSONResponse({"detail": f"This request records no step events: submit it with "
+                                           f"\"{STEPS_FIELD}\": true in its input"}, status_code=400,
+                                headers={"x-fal-request-id": request_id})
+        return StreamingResponse(_step_events(svc, request_id), media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, "x-fal-request-id": request_id})
+
     owner_alias = app_id
     routes: list[tuple[str, Any, str, dict[str, Any]]] = [
         ("/status", status, "GET", {"response_model": QueueStatus, "status_code": 202,
@@ -140,6 +194,9 @@ def build_queue_router(svc: Service) -> APIRouter:
                 path = f"{prefix}/{owner_alias}/requests/{{request_id}}{suffix}{slash}"
                 router.add_api_route(path, endpoint, methods=[method], tags=["queue"],
                                      include_in_schema=prefix == "/queue" and not slash, **extra)
+    # beyond the hosted API (kept out of its schema, like the opt-in field): the playground's step stream
+    router.add_api_route(f"/queue/{owner_alias}/requests/{{request_id}}/steps", steps_stream, methods=["GET"],
+                         include_in_schema=False)
 
     @router.post(f"/{app_id}", response_model=NemotronOutput, tags=["run"], responses={
         **_ERRORS, 400: {"model": ErrorDetail}, 500: {"model": ErrorDetail}})
@@ -188,9 +245,15 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             new_logs = await to_thread.run_sync(store.logs, request_id, last_log) if with_logs else []
             if new_logs:
                 last_log = new_logs[-1][0]
+                new_logs = [e for e in new_logs if e[2] != STEP_LEVEL]  # the playground's step events
             body = await to_thread.run_sync(
                 lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
             key = (body["status"], body.get("queue_position"))
+            if row.state == "done" and row.started_at is not None and (last_key or ("IN_QUEUE",))[0] == "IN_QUEUE":
+                # it ran and finished between two looks: report the IN_PROGRESS it passed through first
+                running = dataclasses.replace(row, state="running")
+                yield sse_event(json.dumps(await to_thread.run_sync(
+                    lambda running=running: svc.status_body(request, running, with_logs=with_logs, logs=[]))))
             if new_logs or key != last_key:
                 last_key = key
                 last_beat = time.monotonic()
@@ -201,6 +264,43 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             last_beat = time.monotonic()
             yield b": keep-alive\n\n"
         await asyncio.sleep(0.1)
+
+
+async def _step_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:
+    """``status`` events while queued (with the queue position), the recorded step/output events while running,
+    then one ``done`` event (the result itself is at the response URL)."""
+    store, sent, last_status, seen, row = svc.store, 0, None, -1, None
+    last_beat = time.monotonic()
+    while True:
+        version = store.version(request_id)
+        if version != seen or row is None:
+            seen = version
+            row = await to_thread.run_sync(store.get, request_id)
+            if row is None:
+                return
+        # the position moves when other requests start, so it is read again every tick while queued
+        position = await to_thread.run_sync(store.queue_position, request_id) if row.state == "queued" else None
+        status = (row.wire_status, position)
+        out: list[dict[str, Any]] = []
+        if status != last_status:
+            last_status = status
+            out.append({"type": "status", "status": row.wire_status, "queue_position": position})
+        # the worker records a run's last event before it stores the result, so a done row has all of them
+        events = svc.steps.read(request_id, sent)
+        sent += len(events)
+        out += events
+        if row.state == "done":
+            out.append({"type": "done", "status": row.wire_status, "status_code": row.status_code,
+                        "error": row.error, "error_type": row.error_type})
+        if out:
+            last_beat = time.monotonic()
+            yield b"".join(sse_event(json.dumps(item)) for item in out)
+        if row.state == "done":
+            return
+        if time.monotonic() - last_beat >= svc.config.keepalive_interval:
+            last_beat = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(0.05)
 
 
 async def _output_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:

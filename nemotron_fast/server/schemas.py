@@ -71,6 +71,8 @@ class NemotronInput(BaseModel):
                              description="Confidence threshold for parallel reveals.")
     # opt-in, beyond the hosted endpoint's schema (hidden from it): the decoding mode of the same weights
     mode: SkipJsonSchema[Literal["diffusion", "ar", "linear_spec"] | None] = None
+    # opt-in, hidden likewise: record per-step events for GET .../requests/{id}/steps (the playground's live view)
+    stream_steps: SkipJsonSchema[bool | None] = None
 
     @field_validator("image_url")
     @classmethod

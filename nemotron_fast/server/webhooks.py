@@ -3,7 +3,11 @@
 Every delivery is signed with the server's own ED25519 key (created once in the data dir): the hex signature
 covers ``"{request_id}\\n{user_id}\\n{timestamp}\\n{sha256_hex(raw_body)}"`` and the public key is served at
 ``/.well-known/jwks.json`` as an OKP/Ed25519 JWK. Deliveries are stored with the result (same transaction),
-retried with exponential backoff, and never follow redirects.
+claimed by one deliverer at a time (any worker process), never follow redirects, and connect to the address that
+was checked (:mod:`nemotron_fast.netguard`). A failed delivery is retried with jittered exponential backoff, except
+after a 4xx other than 408 and 429: the receiver refused that body, and sending it again will not change its
+answer. Every attempt carries ``Idempotency-Key``: one request has one result and one delivery, so the key is the
+same on every retry, from whichever worker, and a receiver drops a repeat after a crash by it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -26,10 +31,11 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .store import RequestStore
+from ..netguard import AddressNotAllowed, PinnedTransport, is_public_address
+from .store import Store
 
 __all__ = ["WebhookSigner", "WebhookDeliverer", "signature_message", "verify_signature", "check_outbound_url",
-           "is_public_address"]
+           "is_public_address", "idempotency_key"]
 
 logger = logging.getLogger("nemotron_fast.server")
 
@@ -40,12 +46,18 @@ def signature_message(request_id: str, user_id: str, timestamp: str, body: bytes
 
 
 class WebhookSigner:
-    """The server's ED25519 webhook key, loaded from (or created in) ``key_path``."""
+    """The server's ED25519 webhook key: loaded from (or created in) ``key_path``, or given as ``pem``."""
 
-    def __init__(self, key_path: str | Path, *, user_id: str = "local") -> None:
+    def __init__(self, key_path: str | Path | None = None, *, user_id: str = "local", pem: bytes | None = None) -> None:
         self.user_id = user_id
-        path = Path(key_path)
-        if path.exists():
+        if pem is not None:  # a key shared by every process of a deployment (kept in the store)
+            key = serialization.load_pem_private_key(pem, password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ValueError("the shared webhook key is not an ED25519 private key")
+            self._key = key
+        elif key_path is None:
+            raise ValueError("WebhookSigner needs a key_path or a pem")
+        elif (path := Path(key_path)).exists():
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
                 raise ValueError(f"{path} does not hold an ED25519 private key")
@@ -68,13 +80,24 @@ class WebhookSigner:
         x = base64.urlsafe_b64encode(self.public_raw).rstrip(b"=").decode()
         return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": self.kid, "use": "sig", "alg": "EdDSA"}]}
 
+    @staticmethod
+    def new_pem() -> bytes:
+        """A fresh ED25519 private key as PKCS#8 PEM."""
+        return Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption())
+
     def headers(self, request_id: str, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        """The ``X-Fal-Webhook-*`` headers of one delivery of ``body``."""
+        """The ``X-Fal-Webhook-*`` headers of one delivery of ``body``, and its ``Idempotency-Key``."""
         ts = str(int(time.time()) if timestamp is None else timestamp)
         signature = self._key.sign(signature_message(request_id, self.user_id, ts, body)).hex()
         return {"Content-Type": "application/json", "X-Fal-Webhook-Request-Id": request_id,
                 "X-Fal-Webhook-User-Id": self.user_id, "X-Fal-Webhook-Timestamp": ts,
-                "X-Fal-Webhook-Signature": signature}
+                "X-Fal-Webhook-Signature": signature, "Idempotency-Key": idempotency_key(request_id)}
+
+
+def idempotency_key(request_id: str) -> str:
+    """The ``Idempotency-Key`` of a request's webhook: the same on every attempt (one result, one delivery)."""
+    return f"nemotron-fast-webhook-{request_id}"
 
 
 def verify_signature(jwks: dict[str, Any], headers: dict[str, str], body: bytes, *, max_skew: float = 300.0) -> bool:
@@ -96,17 +119,6 @@ def verify_signature(jwks: dict[str, Any], headers: dict[str, str], body: bytes,
         except Exception:
             continue
     return False
-
-
-def is_public_address(ip: str) -> bool:
-    """True for globally routable addresses (not private, loopback, link-local, multicast, reserved...)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
 
 
 def check_outbound_url(url: str, *, allow_private: bool, resolve: bool = True) -> str | None:
@@ -148,7 +160,7 @@ def check_outbound_url(url: str, *, allow_private: bool, resolve: bool = True) -
 class WebhookDeliverer:
     """Background thread: delivers due webhooks with retries and runs periodic housekeeping."""
 
-    def __init__(self, store: RequestStore, signer: WebhookSigner, *, allow_private_urls: bool = False,
+    def __init__(self, store: Store, signer: WebhookSigner, *, allow_private_urls: bool = False,
                  max_attempts: int = 10, backoff_base: float = 5.0, backoff_max: float = 1800.0,
                  timeout: float = 15.0, housekeeping: Callable[[], None] | None = None,
                  housekeeping_interval: float = 60.0) -> None:
@@ -192,27 +204,39 @@ class WebhookDeliverer:
 
     def deliver(self, request_id: str, url: str, body: bytes, attempts: int) -> bool:
         """One delivery attempt; records success, a retry time, or giving up."""
-        error: str | None = check_outbound_url(url, allow_private=self.allow_private_urls)
-        if error is not None and not error.startswith("cannot resolve"):
-            # A refused address stays refused: no retries. (A DNS failure may be transient and is retried.)
-            logger.warning("webhook for %s not delivered: %s", request_id, error)
-            self.store.webhook_result(request_id, delivered=False, error=error)
-            return False
-        try:
-            if error is not None:
-                raise httpx.ConnectError(error)
-            with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
-                response = client.post(url, content=body, headers=self.signer.headers(request_id, body))
-            if 200 <= response.status_code < 300:
-                self.store.webhook_result(request_id, delivered=True)
-                return True
-            error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        if attempts + 1 >= self.max_attempts:
-            logger.warning("webhook for %s failed %d times, giving up: %s", request_id, attempts + 1, error)
+        # Literal addresses and localhost here; names are resolved once, by the pinned transport, and vetted there.
+        error: str | None = check_outbound_url(url, allow_private=self.allow_private_urls, resolve=False)
+        retry = error is None
+        if error is None:
+            try:
+                with httpx.Client(timeout=self.timeout, follow_redirects=False, trust_env=False,
+                                  transport=PinnedTransport(allow_private=self.allow_private_urls)) as client:
+                    response = client.post(url, content=body, headers=self.signer.headers(request_id, body))
+                if 200 <= response.status_code < 300:
+                    self.store.webhook_result(request_id, delivered=True)
+                    return True
+                error, retry = f"HTTP {response.status_code}", retryable_status(response.status_code)
+            except AddressNotAllowed as exc:
+                error, retry = f"refusing {exc} (start the server with --allow-private-urls to allow it)", False
+            except httpx.HTTPError as exc:  # connection, DNS and timeout failures may be transient
+                error = f"{type(exc).__name__}: {exc}"
+        if not retry or attempts + 1 >= self.max_attempts:
+            logger.warning("webhook for %s not delivered after %d attempt(s), giving up: %s", request_id,
+                           attempts + 1, error)
             self.store.webhook_result(request_id, delivered=False, error=error)
         else:
-            delay = min(self.backoff_max, self.backoff_base * 2 ** attempts)
+            delay = retry_delay(attempts, self.backoff_base, self.backoff_max)
             self.store.webhook_result(request_id, delivered=False, error=error, retry_in=delay)
         return False
+
+
+def retryable_status(status: int) -> bool:
+    """Whether a delivery answered with HTTP ``status`` is worth retrying: 5xx, 408 and 429, not other 4xx."""
+    return status >= 500 or status in (408, 429) or status < 400
+
+
+def retry_delay(attempts: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry ``attempts + 1``: exponential (``base * 2**attempts``, at most ``cap``) with equal
+    jitter (the upper half drawn uniformly), so receivers that failed together are not hit again together."""
+    delay = min(cap, base * 2 ** attempts)
+    return delay / 2 + rand() * delay / 2

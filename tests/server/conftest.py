@@ -2,6 +2,9 @@
 
 The model the acceptance tests use is chosen in one place, ``model_dir``: a tiny random checkpoint written by
 ``nemotron_fast.testing.write_tiny_checkpoint``.
+
+``start_server`` runs each test of the modules in ``BOTH_STORES`` twice: on the embedded SQLite store and on a
+fresh PostgreSQL database (see ``pg.py``); tests in ``SQLITE_ONLY`` look into the SQLite file itself.
 """
 
 from __future__ import annotations
@@ -22,6 +25,27 @@ from nemotron_fast.server.app import create_app  # noqa: E402
 from nemotron_fast.server.service import ServerConfig  # noqa: E402
 
 from .fakes import FakePipeline  # noqa: E402
+from .pg import fresh_database  # noqa: E402
+
+BOTH_STORES = {"test_queue_api", "test_storage_auth_webhooks", "test_server_misc"}
+SQLITE_ONLY = {"test_sync_client_disconnect_cancels_generation"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_backend" in metafunc.fixturenames:
+        both = (metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_STORES
+                and metafunc.function.__name__ not in SQLITE_ONLY)
+        metafunc.parametrize("store_backend", ["sqlite", "postgresql"] if both else ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def store_backend(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """``None`` (SQLite in the data dir) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_database() as url:
+        yield url
 
 
 def free_port() -> int:
@@ -60,12 +84,13 @@ class LiveServer:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Any]:
+def start_server(tmp_path: Path, store_backend: str | None) -> Iterator[Any]:
     """``start_server(pipeline, **config)`` -> a started ``LiveServer`` (stopped at teardown)."""
     servers: list[LiveServer] = []
 
     def start(pipeline: Any, uvicorn_options: dict[str, Any] | None = None, **overrides: Any) -> LiveServer:
         overrides.setdefault("data_dir", tmp_path / "data")
+        overrides.setdefault("store", store_backend)
         overrides.setdefault("allow_private_urls", True)
         overrides.setdefault("webhook_backoff_base", 0.05)
         server = LiveServer(pipeline, ServerConfig(**overrides), **(uvicorn_options or {})).start()

@@ -45,7 +45,7 @@ class FakePipeline:
             raise errors.InputValidationError(problems)
         return {"max_tokens": max_tokens, "block_length": block, "num_blocks": blocks}
 
-    def _image(self, url: str, allow_private: bool) -> bytes:
+    def _image(self, url: str, allow_private: bool, allow_local: bool) -> bytes:
         if url.startswith("data:"):
             try:
                 return base64.b64decode(url.split(",", 1)[1], validate=True)
@@ -58,17 +58,19 @@ class FakePipeline:
             import httpx
 
             return httpx.get(url, timeout=5).content
+        if not allow_local:
+            raise errors.ImageError("reading local files is not allowed")
         path = Path(url)
         if not path.exists():
             raise errors.ImageError(f"no such file {url}")
         return path.read_bytes()
 
     def run(self, inputs: dict[str, Any], *, on_progress: Callable[[str], None] | None = None,
-            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = True,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            should_cancel: Callable[[], bool] | None = None, allow_private_urls: bool = False,
+            allow_local_files: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
         params = self.validate(inputs)
         self.started.append(inputs["prompt"])
-        image = self._image(inputs["image_url"], allow_private_urls)
+        image = self._image(inputs["image_url"], allow_private_urls, allow_local_files)
         text = f"echo: {inputs['prompt']} [{len(image)}]"[: params["max_tokens"]]
         per_block = max(1, math.ceil(len(text) / params["num_blocks"]))
         if log is not None:
@@ -87,13 +89,14 @@ class FakePipeline:
                 "timings": {k: 0.0 for k in ("total_time", "image_validation_time", "preprocessing_time",
                                               "gpu_transfer_time", "generation_time", "decode_time")}}
 
-    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = True,
+    def run_batch(self, inputs: list[dict[str, Any]], *, allow_private_urls: bool = False,
+                  allow_local_files: bool = False,
                   should_cancel: list[Callable[[], bool]] | None = None) -> list[dict[str, Any] | Exception]:
         self.batches.append(len(inputs))
         results: list[dict[str, Any] | Exception] = []
         for i, row in enumerate(inputs):
             try:
-                results.append(self.run(row, allow_private_urls=allow_private_urls,
+                results.append(self.run(row, allow_private_urls=allow_private_urls, allow_local_files=allow_local_files,
                                         should_cancel=should_cancel[i] if should_cancel else None))
             except Exception as exc:
                 results.append(exc)

@@ -11,6 +11,7 @@ from typing import Any
 class WebhookReceiver:
     def __init__(self, fail_first: int = 0) -> None:
         self.deliveries: list[tuple[dict[str, str], bytes, float]] = []
+        self.refused: list[tuple[dict[str, str], bytes, float]] = []  # the attempts answered with a 503
         self.attempts = 0
         self.fail_first = fail_first
         receiver = self
@@ -20,6 +21,7 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.attempts += 1
                 if receiver.attempts <= receiver.fail_first:
+                    receiver.refused.append((dict(self.headers.items()), body, time.time()))
                     self.send_response(503)
                     self.end_headers()
                     return

@@ -49,11 +49,16 @@ def test_sigkill_then_restart_completes_all(model_dir: Path, real_pipeline: Any,
     try:
         with httpx.Client(base_url=base, timeout=30) as c:
             ids = [c.post(f"/queue/{APP}", json=args).json()["request_id"] for args in inputs]
-            deadline = time.monotonic() + 60
-            while c.get(f"/queue/{APP}/requests/{ids[0]}/status").json()["status"] == "IN_QUEUE":
-                assert time.monotonic() < deadline
+            # kill once the first request is mid-generation: it has committed a block and is not done
+            deadline = time.monotonic() + 120
+            while True:
+                status = c.get(f"/queue/{APP}/requests/{ids[0]}/status", params={"logs": 1}).json()
+                if status["status"] == "IN_PROGRESS" and any(e["message"].startswith("Block")
+                                                             for e in status["logs"]):
+                    break
+                assert status["status"] != "COMPLETED", "the first request finished before the kill"
+                assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.01)
-            time.sleep(0.2)
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
     finally:

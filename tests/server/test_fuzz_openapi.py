@@ -7,7 +7,6 @@ example (an inline PNG data URI) makes the positive cases reach the model.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -28,7 +27,6 @@ def test_openapi_schema_fuzzing_finds_no_5xx(real_server: Any) -> None:
     assert len(operations) >= 12
     tested: list[str] = []
     statuses: dict[str, list[int]] = {}
-    started = time.monotonic()
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             key = f"{mode} {op.method.upper()} {op.path}"
@@ -54,7 +52,6 @@ def test_openapi_schema_fuzzing_finds_no_5xx(real_server: Any) -> None:
             tested.append(key)
     assert any(t.startswith("negative POST /queue/") for t in tested)
     assert any(t.startswith("positive POST /v1/chat/completions") for t in tested)
-    assert time.monotonic() - started < 120
     # the positive cases really reached the model (the schema's example is a valid request)
     assert 200 in statuses["positive POST /fal-ai/nemotron-diffusion-vlm"]
     assert 200 in statuses["positive POST /fal-ai/nemotron-diffusion-vlm/stream"]

@@ -102,7 +102,11 @@ def test_cancel_queued_running_done_unknown(start_server: Any) -> None:
         r = c.put(queued["cancel_url"])
         assert (r.status_code, r.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
         pipe.gate.set()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while not any(e["message"].startswith("Block") for e in
+                      c.get(running["status_url"], params={"logs": "true"}).json()["logs"]):
+            assert time.monotonic() < deadline, "no block was committed"
+            time.sleep(0.02)
         r = c.put(running["cancel_url"])
         assert r.status_code == 202
         done = wait_done(c, running["status_url"])
@@ -152,18 +156,39 @@ def test_batches_up_to_max_batch(start_server: Any) -> None:
 ])
 def test_schema_rules_are_422_naming_the_field(fake_server: Any, body: dict, field: str, type_: str) -> None:
     with httpx.Client(base_url=fake_server.url) as c:
-        for path in (f"/queue/{APP}", f"/{APP}", f"/{APP}/stream"):
+        for path in (f"/{APP}", f"/{APP}/stream"):
             r = c.post(path, json=body)
             assert r.status_code == 422 and r.headers["content-type"] == "application/json", (path, r.text)
             detail = r.json()["detail"]
             assert any(d["loc"] == ["body", field] and d["type"] == type_ for d in detail), detail
+        # the queue accepts it, as the hosted queue does, and completes it with the same 422
+        sub = c.post(f"/queue/{APP}", json=body)
+        assert sub.status_code == 200 and sub.json()["status"] == "IN_QUEUE", sub.text
+        done = wait_done(c, sub.json()["status_url"])
+        assert done["status"] == "COMPLETED" and done["error_type"] == "validation_error" and done["error"]
+        r = c.get(sub.json()["response_url"])
+        assert r.status_code == 422 and r.headers["x-fal-request-id"] == sub.json()["request_id"]
+        assert r.json()["detail"] == detail
+
+
+@pytest.mark.parametrize("content,loc,type_", [(b"{not json", ["body", 1], "json_invalid"),
+                                                (b"[1, 2]", ["body"], "model_type")])
+def test_queue_accepts_an_unreadable_body_and_fails_it(fake_server: Any, content: bytes, loc: list,
+                                                        type_: str) -> None:
+    with httpx.Client(base_url=fake_server.url) as c:
+        sub = c.post(f"/queue/{APP}", content=content, headers={"content-type": "application/json"}).json()
+        assert wait_done(c, sub["status_url"])["error_type"] == "validation_error"
+        r = c.get(sub["response_url"])
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc and r.json()["detail"][0]["type"] == type_
+        assert c.post(f"/{APP}", content=content, headers={"content-type": "application/json"}).status_code == 422
+    assert fake_server.service.store.get(sub["request_id"]).attempts == 0  # completed at the door, never ran
 
 
 def test_caller_mistakes_are_4xx_json(fake_server: Any) -> None:
     with httpx.Client(base_url=fake_server.url) as c:
         cases = [
-            c.post(f"/queue/{APP}", content=b"{not json", headers={"content-type": "application/json"}),
-            c.post(f"/queue/{APP}", json=[1, 2]),
+            c.post(f"/{APP}", content=b"{not json", headers={"content-type": "application/json"}),
+            c.post(f"/{APP}", json=[1, 2]),
             c.post(f"/queue/{APP}", json=BODY, params={"fal_webhook": "ftp://x"}),
             c.post(f"/queue/{APP}", json=BODY, headers={"X-Fal-Queue-Priority": "urgent"}),
             c.post("/queue/other/app", json=BODY),

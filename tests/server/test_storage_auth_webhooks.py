@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -72,6 +74,44 @@ def test_own_uploads_bypass_private_url_check(start_server: Any, fal: Any) -> No
     assert info.value.status_code == 422
 
 
+def test_own_upload_is_read_from_disk_only_on_its_own_origin(start_server: Any) -> None:
+    server = start_server(FakePipeline(), allow_private_urls=False)
+    with httpx.Client(base_url=server.url) as c:
+        url = c.post("/files/upload", content=b"image-bytes", headers={"Content-Type": "image/png"}).json()
+        url = url["access_url"]
+        assert url.startswith(f"{server.url}/files/")
+        files = server.service.files
+        path = files.resolve_url(url)
+        assert path is not None and Path(path).read_bytes() == b"image-bytes"
+        assert files.resolve_url(url.replace("http://", "HTTP://")) == path  # scheme and host are case-free
+        suffix = url[len(server.url):]
+        for other in (f"http://localhost:{server.port}{suffix}", f"https://127.0.0.1:{server.port}{suffix}",
+                      f"http://example.com{suffix}", f"http://127.0.0.1:{server.port}/prefix{suffix}"):
+            assert files.resolve_url(other) is None, other
+        # the same file under another host is fetched like any URL, and loopback is refused without the flag
+        r = c.post(f"/{APP}", json={**BODY, "image_url": f"http://localhost:{server.port}{suffix}"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image_url"]
+        assert c.post(f"/{APP}", json={**BODY, "image_url": url, "max_tokens": 20}).json()["output"] == \
+            "echo: hello [11]"
+
+
+def test_uploads_are_written_off_the_event_loop(fake_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = fake_server.service.files
+    threads: list[threading.Thread] = []
+    real_write = type(files).write
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(files), "write", spy)
+    with httpx.Client(base_url=fake_server.url) as c:
+        assert c.post("/files/upload", content=b"raw").status_code == 200
+        init = c.post("/storage/upload/initiate", json={"content_type": "image/png"}).json()
+        assert c.put(init["upload_url"], content=b"put").status_code == 200
+    assert len(threads) == 2 and all(t is not fake_server.thread for t in threads)  # the loop's thread
+
+
 def test_signed_webhook_with_retries(start_server: Any) -> None:
     receiver = WebhookReceiver(fail_first=2)
     try:
@@ -80,9 +120,13 @@ def test_signed_webhook_with_retries(start_server: Any) -> None:
             sub = c.post(f"/queue/{APP}", json=BODY, params={"fal_webhook": receiver.url}).json()
             bad = c.post(f"/queue/{APP}", json={**BODY, "image_url": "data:image/png;base64,@@"},
                          params={"fal_webhook": receiver.url}).json()
+            invalid = c.post(f"/queue/{APP}", json={"image_url": BODY["image_url"]},
+                             params={"fal_webhook": receiver.url})
+            assert invalid.status_code == 200  # accepted as on the hosted queue; it fails with a 422
+            invalid = invalid.json()
             jwks = c.get("/.well-known/jwks.json").json()
-        deliveries = receiver.wait(2)
-        assert receiver.attempts == 4  # two refused, both retried
+        deliveries = receiver.wait(3)
+        assert receiver.attempts == 5  # two refused, both retried
         by_id = {json.loads(body)["request_id"]: (headers, body) for headers, body, _ in deliveries}
         headers, body = by_id[sub["request_id"]]
         doc = json.loads(body)
@@ -95,6 +139,11 @@ def test_signed_webhook_with_retries(start_server: Any) -> None:
         doc = json.loads(body)
         assert doc["status"] == "ERROR" and doc["error"] == "Invalid status code: 422"
         assert doc["payload"]["detail"][0]["loc"] == ["body", "image_url"] and verify_signature(jwks, headers, body)
+        headers, body = by_id[invalid["request_id"]]
+        doc = json.loads(body)
+        assert doc["status"] == "ERROR" and doc["error"] == "Invalid status code: 422"
+        assert doc["payload"]["detail"][0]["loc"] == ["body", "prompt"] and doc["payload"]["detail"][0]["type"] == \
+            "missing" and verify_signature(jwks, headers, body)
         assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
         assert server.service.store.webhook_state(sub["request_id"])[0] == "delivered"
     finally:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from nemotron_fast.server import store as store_mod
 from nemotron_fast.server.store import Outcome, RequestStore
 
 
@@ -61,11 +65,13 @@ def test_stream_requests_run_alone(tmp_path: Path) -> None:
     assert [r.id for r in store.claim_batch(8)] == [q2]
 
 
-def test_start_timeout_expires_queued_requests(tmp_path: Path) -> None:
+def test_start_timeout_expires_queued_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = RequestStore(tmp_path / "db.sqlite3")
-    rid, _ = store.submit({}, start_timeout=0.01)
-    time.sleep(0.05)
-    assert store.claim_batch(8) == []
+    rid, _ = store.submit({}, start_timeout=10.0)
+    kept, _ = store.submit({}, start_timeout=30.0)
+    now = time.time()
+    monkeypatch.setattr(store_mod, "time", SimpleNamespace(time=lambda: now + 20.0))  # the store's clock, 20 s on
+    assert [r.id for r in store.claim_batch(8)] == [kept]
     row = store.get(rid)
     assert row.state == "done" and row.status_code == 504 and row.error_type == "request_timeout"
 
@@ -82,7 +88,7 @@ def test_cancel_states(tmp_path: Path) -> None:
     assert not store.cancel_requested(running)
 
 
-def test_result_and_webhook_written_together_and_purged(tmp_path: Path) -> None:
+def test_result_and_webhook_written_together_and_purged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = RequestStore(tmp_path / "db.sqlite3")
     rid, _ = store.submit({}, webhook_url="http://127.0.0.1/hook")
     store.claim_batch(1)
@@ -92,6 +98,7 @@ def test_result_and_webhook_written_together_and_purged(tmp_path: Path) -> None:
     assert json.loads(due[0][2])["payload"] == {"output": "hi"}
     store.webhook_result(rid, delivered=True)
     assert store.purge(ttl=3600) == 0 and store.get(rid) is not None
-    time.sleep(0.02)
-    assert store.purge(ttl=0.01) == 1
+    now = time.time()
+    monkeypatch.setattr(store_mod, "time", SimpleNamespace(time=lambda: now + 3601.0))
+    assert store.purge(ttl=3600) == 1
     assert store.get(rid) is None and store.logs(rid) == [] and store.webhook_state(rid) is None
