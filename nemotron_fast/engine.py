@@ -94,6 +94,7 @@ class _Row:
     eos: list[int]
     noise: NoiseSource | None
     slot: int = -1
+    offset: int = 0  # cache slots its prompt takes (its admission batch's longest prompt; left-padded)
     seed: int = 0
     tokens: list[int] = field(default_factory=list)
     blocks_done: int = 0
@@ -215,8 +216,7 @@ class Engine:
                 if row.rid in aborts:
                     outputs.append(self._finish(row, "abort"))
             admitted = self._take_admissions()
-        for row in admitted:
-            outputs += self._admit(row)
+        outputs += self._admit_all(admitted)
         groups: dict[int, list[_Row]] = {}
         for row in self._busy():
             groups.setdefault(row.sched.block_length, []).append(row)
@@ -262,12 +262,65 @@ class Engine:
                 break
         return out
 
+    def _admit_all(self, rows: list[_Row]) -> list[EngineOutput]:
+        """Admit the rows popped into free slots: non-diffusion requests run whole, the diffusion ones are
+        prefilled together (one vision tower call, one left-padded prefill); if that batch fails, each row is
+        admitted alone, so only a failing row fails."""
+        outputs: list[EngineOutput] = []
+        for row in [r for r in rows if r.req.mode != "diffusion"]:
+            outputs += self._admit(row)
+        rows = [r for r in rows if r.req.mode == "diffusion"]
+        if len(rows) > 1:
+            try:
+                self._prefill_together(rows)
+                return outputs
+            except Exception:  # noqa: BLE001 - isolated below, row by row
+                pass
+        for row in rows:
+            outputs += self._admit(row)
+        return outputs
+
+    def _prefill_together(self, rows: list[_Row]) -> None:
+        m, dev = self.model, self.model.device
+        width = max(r.ids.numel() for r in rows)
+        for r in rows:
+            r.offset = width
+        self._ensure_cache()
+        assert self._cache is not None
+        fill = m.config.pad_token_id if m.config.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), fill, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - r.ids.numel():] = r.ids
+        pad = torch.tensor([width - r.ids.numel() for r in rows], dtype=torch.long, device=dev)
+        with_images = [r for r in rows if r.req.pixel_values is not None]
+        feats = None
+        if with_images:
+            if any(r.req.image_sizes is None for r in with_images):
+                raise ValueError("pixel_values need image_sizes")
+            h = max(r.req.pixel_values.shape[-2] for r in with_images)  # type: ignore[union-attr]
+            w = max(r.req.pixel_values.shape[-1] for r in with_images)  # type: ignore[union-attr]
+            pix = torch.cat([torch.nn.functional.pad(r.req.pixel_values.to(dev), (0, w - r.req.pixel_values.shape[-1],
+                                                                                0, h - r.req.pixel_values.shape[-2]))
+                             for r in with_images])  # type: ignore[union-attr]
+            feats = m.image_features(pix, torch.cat([r.req.image_sizes.to(dev) for r in with_images]))  # type: ignore
+        tmp = m.new_cache(len(rows), width, pad=pad)
+        _, last = prefill(m, ids.to(dev), pad, 0, feats, cache=tmp)
+        self.forwards += 1
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        self._cache.k[:, slots, :, :width] = tmp.k
+        self._cache.v[:, slots, :, :width] = tmp.v
+        self._starts[slots] = width
+        self._pad[slots] = pad
+        for i, r in enumerate(rows):
+            r.seed = int(_seed_tokens(last[i:i + 1], r.req.temperature, r.noise, self._exclude)[0])
+
     def _admit(self, row: _Row) -> list[EngineOutput]:
-        """Prefill ``row`` into its slot (or run a non-diffusion request whole) -> outputs."""
+        """Prefill ``row`` alone into its slot (or run a non-diffusion request whole) -> outputs."""
         try:
             if row.req.mode != "diffusion":
                 return [self._run_other_mode(row)]
-            self._ensure_cache(row)
+            row.offset = row.ids.numel()
+            self._ensure_cache()
             assert self._cache is not None
             m, s = self.model, row.slot
             feats = None
@@ -300,10 +353,11 @@ class Engine:
         with self._lock:
             return self._finish(row, "stop" if hit_eos else "length", new=row.tokens)
 
-    def _ensure_cache(self, row: _Row) -> None:
+    def _ensure_cache(self) -> None:
         """Grow the static cache so every busy row fits its completion plus any group's block of scratch."""
         busy = self._busy()
-        need = max(r.ids.numel() + r.sched.gen_length for r in busy) + max(r.sched.block_length for r in busy)
+        need = max(max(r.offset, r.ids.numel()) + r.sched.gen_length for r in busy) + \
+            max(r.sched.block_length for r in busy)
         if self._cache is not None and self._cache.max_len >= need:
             return
         slots = 1 << (need - 1).bit_length()

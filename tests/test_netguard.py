@@ -7,7 +7,6 @@ public host: the vetting is told it is public, and a server listens there; ``127
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import socket
@@ -21,9 +20,6 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from nemotron_fast import netguard
@@ -31,6 +27,8 @@ from nemotron_fast.errors import ImageError
 from nemotron_fast.processing import fetch_url_bytes
 from nemotron_fast.server.store import Outcome, RequestStore
 from nemotron_fast.server.webhooks import WebhookDeliverer, WebhookSigner, retry_delay, retryable_status
+
+from .certs import self_signed
 
 PUBLIC, LOOPBACK = "127.0.0.2", "127.0.0.1"
 
@@ -184,20 +182,7 @@ def test_private_allowed_still_pins_one_lookup(sites: tuple[Site, Site], resolve
 # --- TLS: connected by IP, verified and introduced by name -------------------------------------------------------
 
 def _cert_for(name: str, tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed(tmp_path, name, x509.DNSName(name))
 
 
 def test_https_by_ip_keeps_the_name_for_sni_and_certificate(tmp_path: Path, resolve: Callable) -> None:

@@ -75,6 +75,8 @@ class EngineWorker(ModelWorker):
         self.exit_on_fatal = exit_on_fatal
         self._pool = ThreadPoolExecutor(max_workers=prep_threads, thread_name_prefix="nemotron-fast-prep")
         self._jobs: dict[str, _Job] = {}
+        self._maybe_more = True  # the last claim filled its room: more may be queued
+        self._next_poll = 0.0  # when to look at the queue anyway (expired leases of other workers)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -106,15 +108,20 @@ class EngineWorker(ModelWorker):
             self.store.queue_changed.wait(self.store.idle_wait)
 
     def _claim(self) -> int:
+        """Claim while the engine has room, and only when the queue may hold something: a submit since the last
+        look, a last claim that filled its room, or ``idle_wait`` passed (a claim is a write transaction)."""
         room = self.max_batch + self.lookahead - len(self._jobs)
-        if room <= 0:
+        now = time.monotonic()
+        if room <= 0 or not (self.store.queue_changed.is_set() or self._maybe_more or now >= self._next_poll):
             return 0
+        self._next_poll = now + self.store.idle_wait
         try:
             rows = self.store.claim_batch(room, worker_id=self.worker_id)
         except Exception:  # a locked/busy/unreachable database must not kill the worker
             logger.exception("claiming requests failed")
             self._stop.wait(0.5)
             return 0
+        self._maybe_more = len(rows) == room
         if not rows:
             return 0
         self.batch_sizes.append(len(rows))
@@ -154,6 +161,7 @@ class EngineWorker(ModelWorker):
                 self._done(job, outcome_for_exception(exc), 0.0)
 
     def _check_cancels(self) -> None:
+        """Abort requests that were cancelled or whose lease was lost (both in-memory checks)."""
         for rid, job in list(self._jobs.items()):
             if job.cancelling or job.future is not None:
                 continue
@@ -169,9 +177,9 @@ class EngineWorker(ModelWorker):
         rid, elapsed = out.request_id, time.perf_counter() - job.submitted
         if not out.finished:
             job.blocks += 1
-            text = self.pipeline.processor.decode(out.token_ids)
-            self.store.set_partial(rid, text)
-            self.store.log(rid, "INFO", f"Block {job.blocks} committed ({len(text)} characters so far)")
+            if job.row.kind == "stream":  # only output streams read partial outputs
+                self.store.set_partial(rid, self.pipeline.processor.decode(out.token_ids))
+            self.store.log(rid, "INFO", f"Block {job.blocks} committed ({len(out.token_ids)} tokens so far)")
             return
         if out.finish_reason == "error":
             assert out.error is not None

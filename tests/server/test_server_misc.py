@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
 import json
 import os
@@ -19,13 +18,11 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from nemotron_fast.server.cli import add_serve_parser, build_config, run_serve
 from nemotron_fast.server.service import ServerConfig
 
+from ..certs import self_signed
 from .fakes import FakePipeline
 from .test_queue_api import APP, BODY, wait_done
 
@@ -54,20 +51,7 @@ def test_serve_arguments_build_the_config(tmp_path: Path) -> None:
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    return self_signed(tmp_path, "127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
 
 
 def test_tls_and_https_urls(start_server: Any, tmp_path: Path) -> None:
