@@ -399,8 +399,8 @@ def test_mode_input_beyond_the_endpoint_schema(ckpt_factory, tmp_path: Path) -> 
     Image.new("RGB", (60, 44), "red").save(img)
     pipe = Pipeline.from_pretrained(path)
     inputs = {**base, "image_url": str(img), "threshold": 0.5}
-    outs = {m: pipe.run({**inputs, "mode": m}) for m in ("diffusion", "ar", "linear_spec")}
-    assert pipe.run(inputs)["usage"] == outs["diffusion"]["usage"]
+    outs = {m: pipe.run({**inputs, "mode": m}, allow_local_files=True) for m in ("diffusion", "ar", "linear_spec")}
+    assert pipe.run(inputs, allow_local_files=True)["usage"] == outs["diffusion"]["usage"]
     proc = pipe.processor.build_inputs("hi", [Image.open(img).convert("RGB")])
     for m in ("ar", "linear_spec"):
         direct = nemotron_fast.generate(pipe.model, proc.input_ids, proc.pixel_values, proc.image_sizes,
@@ -409,7 +409,7 @@ def test_mode_input_beyond_the_endpoint_schema(ckpt_factory, tmp_path: Path) -> 
         assert outs[m]["usage"]["num_function_evals"] == direct.nfe
         assert outs[m]["usage"]["completion_tokens"] == len(direct.completion_ids[0]) <= 7
     batch = pipe.run_batch([{**inputs, "mode": "linear_spec"}, {**inputs, "mode": "ar"},
-                            {**inputs, "mode": "linear_spec", "prompt": "other"}])
+                            {**inputs, "mode": "linear_spec", "prompt": "other"}], allow_local_files=True)
     assert batch[0]["output"] == outs["linear_spec"]["output"] and batch[1]["output"] == outs["ar"]["output"]
     assert batch[0]["usage"] == outs["linear_spec"]["usage"]
 

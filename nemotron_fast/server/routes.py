@@ -246,14 +246,16 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             if new_logs:
                 last_log = new_logs[-1][0]
                 new_logs = [e for e in new_logs if e[2] != STEP_LEVEL]  # the playground's step events
+            if row.state == "done" and row.started_at is not None and (last_key or ("IN_QUEUE",))[0] == "IN_QUEUE":
+                # it ran and finished between two looks: report the IN_PROGRESS it passed through first, with the
+                # lines it logged while running (all but the last: the completion line goes with COMPLETED)
+                running, ran_logs, new_logs = dataclasses.replace(row, state="running"), new_logs[:-1], new_logs[-1:]
+                yield sse_event(json.dumps(await to_thread.run_sync(
+                    lambda running=running, ran_logs=ran_logs: svc.status_body(request, running, with_logs=with_logs,
+                                                                             logs=ran_logs))))
             body = await to_thread.run_sync(
                 lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
             key = (body["status"], body.get("queue_position"))
-            if row.state == "done" and row.started_at is not None and (last_key or ("IN_QUEUE",))[0] == "IN_QUEUE":
-                # it ran and finished between two looks: report the IN_PROGRESS it passed through first
-                running = dataclasses.replace(row, state="running")
-                yield sse_event(json.dumps(await to_thread.run_sync(
-                    lambda running=running: svc.status_body(request, running, with_logs=with_logs, logs=[]))))
             if new_logs or key != last_key:
                 last_key = key
                 last_beat = time.monotonic()

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,17 @@ def real_pipeline(model_dir: Path) -> Any:
     return Pipeline.from_pretrained(model_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def real_server(real_pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """One server per test module over the real pipeline (loopback image URLs allowed, fast webhook retries)."""
-    server = LiveServer(real_pipeline, ServerConfig(data_dir=tmp_path_factory.mktemp("server-data"),
-                                                    allow_private_urls=True, webhook_backoff_base=0.05)).start()
-    yield server
-    server.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def real_server(request: pytest.FixtureRequest, real_pipeline: Any,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server per test module and store backend over the real pipeline (loopback image URLs allowed, fast
+    webhook retries): the acceptance suites run on SQLite and on a fresh PostgreSQL database."""
+    with ExitStack() as stack:
+        store = stack.enter_context(fresh_database()) if request.param == "postgresql" else None
+        server = LiveServer(real_pipeline, ServerConfig(data_dir=tmp_path_factory.mktemp("server-data"), store=store,
+                                                        allow_private_urls=True, webhook_backoff_base=0.05)).start()
+        yield server
+        server.stop()
 
 
 @pytest.fixture

@@ -216,13 +216,18 @@ def _sse(lines: list[str]) -> list[dict]:
 
 
 def test_status_stream_sends_new_logs_and_closes(start_server: Any) -> None:
-    pipe = FakePipeline(block_delay=0.15)
+    pipe = FakePipeline()
+    pipe.gate.clear()  # the request stops before its first block until the stream has sent a keep-alive
     server = start_server(pipe, keepalive_interval=0.1)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         sub = c.post(f"/queue/{APP}", json=BODY).json()
         with c.stream("GET", f"{sub['status_url']}/stream", params={"logs": "1"}) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            lines = list(r.iter_lines())  # returns only because the server closes the stream
+            lines = []
+            for line in r.iter_lines():  # ends only because the server closes the stream
+                lines.append(line)
+                if line == ": keep-alive":
+                    pipe.gate.set()
     events = _sse(lines)
     assert events[-1]["status"] == "COMPLETED" and events[0]["status"] in ("IN_QUEUE", "IN_PROGRESS")
     assert ": keep-alive" in lines

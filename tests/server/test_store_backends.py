@@ -214,11 +214,13 @@ def test_files_in_the_database(pg: Any, tmp_path: Path) -> None:
 
     up = PostgresFileStore(pg(), tmp_path / "api-cache", max_bytes=1000)
     down = PostgresFileStore(pg(), tmp_path / "worker-cache", max_bytes=1000)
-    file_id, name = up.create("../a b.png", "image/png")
+    file_id, name = up.create("../a b.png", "image/png", origin="http://api.example")
     assert down.local_path(file_id) is None and down.meta(file_id)["state"] == "pending"
     up.write(file_id, b"PNG-bytes")
     url = f"http://api.example/files/{file_id}/{name}"
     assert Path(down.resolve_url(url)).read_bytes() == b"PNG-bytes"
+    # only URLs on the origin the file was handed out on are read by path on any host
+    assert down.resolve_url(f"http://other.example/files/{file_id}/{name}") is None
     assert down.meta(file_id)["content_type"] == "image/png" and name == "a_b.png"
     with pytest.raises(KeyError):
         up.write("0" * 32, b"x")
