@@ -121,8 +121,9 @@ def build_model(cfg: NLDConfig, seed: int) -> NLDModel:
 def image_features_batched(model: NLDModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """:meth:`NLDModel.image_features` for a batch of equal-sized images, with the batch as a tensor dimension.
 
-    The model's own path packs all images into one sequence with a block-diagonal mask (quadratic in the batch);
-    this runs the same modules on ``[n, patches, hidden]``. pixel_values float [n, 3, H, W] -> [n * merged, hidden].
+    The model's own path packs all images into one sequence and attends image by image; this runs the same
+    modules on ``[n, patches, hidden]``, one attention call for the whole batch.
+    pixel_values float [n, 3, H, W] -> [n * merged, hidden].
     """
     tower = model.encoder.vision_tower
     n, _, h, w = pixel_values.shape
@@ -135,7 +136,7 @@ def image_features_batched(model: NLDModel, pixel_values: torch.Tensor) -> torch
     emb = torch.cat([half, half], dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     for layer in tower.transformer.layers[: tower.num_layers_run]:
-        x = layer(x, cos, sin, None)
+        x = layer(x, cos, sin, [gh * gw])
     sizes = torch.tensor([[h, w]] * n, dtype=torch.long)
     return model.encoder.multi_modal_projector(x.reshape(n * gh * gw, -1), sizes)
 

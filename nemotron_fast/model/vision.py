@@ -29,13 +29,20 @@ class _VisionAttention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=False)
         self.o_proj = nn.Linear(h, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        """x [1, N, hidden]: the patches of all images; ``segments`` the patch count of each image. Projections run
+        over all patches at once, attention within each image (what a block-diagonal mask would compute, without
+        an [N, N] mask: a batch of large images would not fit one)."""
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if len(segments) == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
+                             zip(q.split(segments, 2), k.split(segments, 2), v.split(segments, 2))], dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -47,8 +54,8 @@ class _VisionLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, _PIXTRAL_NORM_EPS)
         self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[int]) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -98,13 +105,9 @@ class PixtralVisionTower(nn.Module):
         half = torch.cat([p[:, :1].float() * self.inv_freq_h, p[:, 1:].float() * self.inv_freq_w], dim=-1)
         emb = torch.cat([half, half], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = None
-        if len(grids) > 1:
-            ids = torch.repeat_interleave(torch.arange(len(grids), device=x.device),
-                                          torch.tensor([h * w for h, w in grids], device=x.device))
-            mask = (ids[:, None] == ids[None, :])[None, None]
+        segments = [h * w for h, w in grids]
         for layer in self.transformer.layers[: self.num_layers_run]:
-            x = layer(x, cos, sin, mask)
+            x = layer(x, cos, sin, segments)
         return x.squeeze(0)
 
 
