@@ -145,10 +145,13 @@ def stage_kernels(args: argparse.Namespace) -> dict[str, Any]:
     out["copy_gbps"] = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (64 << 20)) / 1e9
     out["matmul_tflops"] = matmul_flops(device, 8192 if device.type == "cuda" else 512, dtype) / 1e12
     out["head"] = []
-    for batch in BATCHES[0] if not args.dry_run else (1,):
-        for temperature in (0.0, 1.0):
+    _save_partial(args, out)
+    # greedy first: T > 0 compiles the Philox variants (the slowest autotuning), so it goes last
+    for temperature in (0.0, 1.0):
+        for batch in BATCHES[0] if not args.dry_run else (1,):
             out["head"].append(bench_head(batch * cfg.block_size, t.vocab_size, t.hidden_size, device, dtype,
                                           temperature))
+            _save_partial(args, out)
     from nemotron_fast.kernels.unmask import select_unmask
 
     b = max(BATCHES[1 if args.dry_run else 0])
@@ -246,6 +249,7 @@ def stage_samplers(args: argparse.Namespace) -> dict[str, Any]:
         out["gate"] = {"ok": True, "dtype": "float32", "tokens": new, "nfe": fast.nfe}
     except ParityError as exc:
         out["gate"] = {"ok": False, "dtype": "float32", "error": str(exc)}
+    _save_partial(args, out)
     del model, twin
     _free(device)
 
@@ -257,8 +261,9 @@ def stage_samplers(args: argparse.Namespace) -> dict[str, Any]:
     prompt, new = PROMPT_TOKENS[i], NEW_TOKENS[i]
     for batch in BATCHES[i]:
         row: dict[str, Any] = {"batch": batch, "prompt": prompt, "new_tokens": new,
-                               "dtype": str(dtype).removeprefix("torch.")}
+                               "dtype": str(dtype).removeprefix("torch."), "ok": False, "error": "did not finish"}
         out["rows"].append(row)
+        _save_partial(args, out)
         try:
             if time.monotonic() > deadline:
                 raise TimeoutError("stage budget spent before this batch size")
@@ -287,9 +292,11 @@ def stage_samplers(args: argparse.Namespace) -> dict[str, Any]:
             row.update(ms_per_forward=fast_s / fwd * 1e3, floor_ms_per_forward=floor_s * 1e3,
                        measured_over_floor=fast_s / fwd / floor_s)
             row["ok"] = True
+            del row["error"]
         except Exception as exc:  # a failing batch size is reported, the next still runs
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
             traceback.print_exc()
+        _save_partial(args, out)
         _free(device)
     out["weight_bytes_per_forward"] = wbytes
     out["copy_gbps"] = bandwidth / 1e9
@@ -324,11 +331,13 @@ def stage_table(args: argparse.Namespace) -> dict[str, Any]:
             continue
         status = "ok" if d.get("ok", True) and "error" not in d else "FAILED"
         detail = d.get("detail") or d.get("error") or ""
-        if name == "kernels" and "copy_gbps" in d:
+        if name == "kernels" and "select_unmask" in d:
             detail = (f"copy {_fmt(d['copy_gbps'], '.0f')} GB/s, matmul {_fmt(d['matmul_tflops'], '.1f')} TFLOP/s; "
                       f"select_unmask {_fmt(d['select_unmask']['ms'], '.3f')} ms")
         if name == "samplers" and "gate" in d:
             detail = f"fp32 gate: {'exact' if d['gate']['ok'] else 'FAILED ' + d['gate'].get('error', '')[:200]}"
+        if status == "FAILED" and d.get("error") and d["error"] not in str(detail):
+            detail = f"{detail}; {d['error']}"
         lines.append(f"| {name} | {status} | {str(detail).replace('|', '/')[:300]} |")
     k = parts.get("kernels", {})
     if k.get("head"):
@@ -377,6 +386,13 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
 
 
+def _save_partial(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Write what a stage has measured so far as ``DIR/STAGE.json`` marked incomplete, so a stage killed by its
+    time box still reports its finished parts; the stage's final write replaces it."""
+    partial = {**out, "ok": False, "error": "incomplete: the stage stopped (time box) after the parts shown"}
+    (Path(args.out) / f"{args.stage}.json").write_text(json.dumps(partial, indent=1, default=str))
+
+
 def _free(device: torch.device) -> None:
     import gc
 
@@ -400,13 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         stage_table(args)
         return 0
     t0 = time.monotonic()
+    (Path(args.out) / f"{args.stage}.json").unlink(missing_ok=True)  # no stale record merged on failure
     try:
         with torch.inference_mode():
             result = STAGES[args.stage](args)
         code = 0
     except Exception as exc:
         traceback.print_exc()
-        result, code = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1000]}, 1
+        # keep the parts measured before the failure (the stage's partial write), then say what failed
+        path = Path(args.out) / f"{args.stage}.json"
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        result, code = {**done, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:1000]}, 1
     result["seconds"] = round(time.monotonic() - t0, 1)
     (Path(args.out) / f"{args.stage}.json").write_text(json.dumps(result, indent=1, default=str))
     return code

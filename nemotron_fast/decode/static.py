@@ -12,6 +12,9 @@ gpt-fast's pattern, applied to blocks: everything a step needs lives at a fixed 
 - The step functions copy the block into a static buffer, run the backbone and the head over all ``bucket * L``
   positions (a fixed shape) and leave their outputs in static tensors.
 
+All graphs of a model share one memory pool, so a graph's outputs are valid only until another graph replays:
+the loop reads each step's outputs (x0/conf, the commit's logits) before it replays the next one.
+
 On CUDA at temperature 0 the steps are replayed graphs; everywhere else (the CPU, ``temperature > 0``,
 ``use_cuda_graphs=False``) the same step functions run eagerly. :attr:`StaticDecode.captures` counts the
 captures, so tests can check that a second call of the same shape captures nothing.
@@ -154,19 +157,23 @@ class StaticDecode:
             return step  # the bookkeeping without a device: the "graph" is the eager step
         starts = [b.starts.clone() for b in self._buffers.values()]
         try:
+            # warm-up on a side stream: allocator, Triton compiles and autotuning happen outside the capture; an
+            # error here is a real one (not a capture limitation) and propagates
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                step()  # warm-up: allocator and autotuning outside the capture
+                step()
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = step()
-        except RuntimeError as exc:  # capture unsupported here: the eager step is the same computation
-            warnings.warn(f"CUDA graph capture failed ({exc}); running the step eagerly", stacklevel=3)
-            return step
+            try:
+                # thread_local: CUDA work another thread of the process does meanwhile does not void the capture
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    outputs = step()
+            except RuntimeError as exc:  # capture unsupported here: the eager step is the same computation
+                warnings.warn(f"CUDA graph capture failed ({exc}); running the step eagerly", stacklevel=3)
+                return step
         finally:
             # the warm-up and the capture ran the step: undo their side effects on the block positions (the K/V
             # they wrote land in slots the real step overwrites)
