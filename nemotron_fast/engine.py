@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -43,6 +44,8 @@ from .model import KVCache, NLDModel
 from .sampling import NoiseSource, SamplingPolicy, Schedule, check_mode, resolve_schedule
 
 __all__ = ["Engine", "EngineRequest", "EngineOutput"]
+
+logger = logging.getLogger("nemotron_fast.engine")
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Engine:
         self._pad = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._running = False  # the background thread may still run a round (until its loop has ended)
         #: Forward passes run so far (prefills included), and the largest number of rows one forward carried.
         self.forwards = 0
         self.max_rows_per_forward = 0
@@ -131,8 +135,8 @@ class Engine:
     # ---- the public surface ------------------------------------------------------------------------------------
     def submit(self, request: EngineRequest, on_output: OutputCallback | None = None) -> str:
         """Queue a request (validated now: a bad one raises ValueError here) -> its id. ``on_output`` is called,
-        on the engine's thread, with each :class:`EngineOutput` of this request; without it the final output is
-        kept for :meth:`result`."""
+        on the engine's thread, with each :class:`EngineOutput` of this request (an exception it raises is logged,
+        never raised into the round); without it the final output is kept for :meth:`result`."""
         row = self._make_row(request)
         with self._lock:
             if row.rid in self._final or row.rid in self._callbacks or any(r.rid == row.rid for r in self._all_rows()):
@@ -164,7 +168,7 @@ class Engine:
                     return self._final.pop(request_id)
                 if not any(r.rid == request_id for r in self._all_rows()):
                     raise KeyError(f"unknown request id {request_id!r}")
-                if self._thread is not None:
+                if self._running:
                     if not self._lock.wait(timeout):
                         raise TimeoutError(f"request {request_id!r} did not finish in {timeout} s")
                     continue
@@ -176,7 +180,14 @@ class Engine:
             raise RuntimeError("stream() needs the engine's thread: call start() first")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        rid = self.submit(request, on_output=lambda o: loop.call_soon_threadsafe(queue.put_nowait, o))
+
+        def deliver(out: EngineOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # the consumer's event loop is closed: nobody reads this stream any more
+                pass
+
+        rid = self.submit(request, on_output=deliver)
         try:
             while True:
                 out = await queue.get()
@@ -187,10 +198,14 @@ class Engine:
             self.abort(rid)  # a consumer that stops early frees the slot
 
     def start(self) -> None:
-        """Run :meth:`step` on a background thread whenever there is work."""
+        """Run :meth:`step` on a background thread whenever there is work (after a stop() whose wait ended
+        first, once that thread has finished its block)."""
         if self._thread is not None:
-            return
+            if self._thread.is_alive() and not self._stop.is_set():
+                return
+            self._thread.join()  # a stopping thread ends after its block: never two rounds at once
         self._stop.clear()
+        self._running = True
         self._thread = threading.Thread(target=self._loop, name="nemotron-fast-engine", daemon=True)
         self._thread.start()
 
@@ -201,7 +216,8 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():
+                self._thread = None
 
     def step(self) -> list[EngineOutput]:
         """One scheduling round: aborts, admissions into free slots, then one block for every group of rows that
@@ -371,6 +387,7 @@ class Engine:
     # ---- one block of one group ---------------------------------------------------------------------------------
     def _run_block_isolated(self, rows: list[_Row], length: int) -> list[EngineOutput]:
         snap = [(r.seed, r.nfe, r.noise.generator.get_state() if r.noise else None) for r in rows]
+        starts = self._starts.clone()
         try:
             return self._run_block(rows, length)
         except Exception as exc:
@@ -381,6 +398,7 @@ class Engine:
         outs: list[EngineOutput] = []
         for r, (seed, nfe, state) in zip(rows, snap):
             r.seed, r.nfe = seed, nfe
+            self._starts[r.slot] = starts[r.slot]
             if r.noise is not None and state is not None:
                 r.noise.generator.set_state(state)
             outs += self._run_block_isolated([r], length)
@@ -431,14 +449,17 @@ class Engine:
             step += 1
         hidden = m.forward_hidden(m.embed(block), cache=view, starts=starts, mode="causal")
         self._count(hi)
-        starts += member.long() * length
         logits = m.head(hidden[slot_idx, -1])
         toks = block[slot_idx].tolist()
+        # every row's next seed before any row's state moves on: a row that raises here leaves the block re-runnable
+        seeds = [int(_seed_tokens(logits[i:i + 1], r.req.temperature, r.noise, self._exclude)[0])
+                 for i, r in enumerate(rows)]
+        starts += member.long() * length
         outs: list[EngineOutput] = []
-        for i, r in enumerate(rows):
+        for r, seed, tok in zip(rows, seeds, toks):
             r.nfe += 1
-            r.seed = int(_seed_tokens(logits[i:i + 1], r.req.temperature, r.noise, self._exclude)[0])
-            outs.append(self._after_commit(r, toks[i]))
+            r.seed = seed
+            outs.append(self._after_commit(r, tok))
         return outs
 
     def _denoise(self, rows: list[_Row], view: KVCache, starts: torch.Tensor, block: torch.Tensor,
@@ -505,6 +526,7 @@ class Engine:
         if row.slot >= 0 and self._slots[row.slot] is row:
             self._slots[row.slot] = None
             self._starts[row.slot] = 0  # a free slot's filler writes stay at the cache's start
+            self._pad[row.slot] = 0  # and its attention row is never empty
         out = EngineOutput(row.rid, list(row.tokens), list(new or []), True, reason, row.nfe, error)
         if row.rid not in self._callbacks:
             self._final[row.rid] = out
@@ -516,16 +538,24 @@ class Engine:
             with self._lock:
                 cb = (self._callbacks.pop if out.finished else self._callbacks.get)(out.request_id, None)
             if cb is not None:
-                cb(out)
+                try:
+                    cb(out)
+                except Exception:  # the callback's failure is its consumer's: the other outputs still go out
+                    logger.exception("the output callback of request %s raised", out.request_id)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                while not self._stop.is_set() and not (self._waiting or any(r is not None for r in self._slots)):
-                    self._lock.wait()
-            if self._stop.is_set():
-                return
-            self.step()
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    while not self._stop.is_set() and not (self._waiting or any(r is not None for r in self._slots)):
+                        self._lock.wait()
+                if self._stop.is_set():
+                    return
+                self.step()
+        finally:
+            with self._lock:  # result() callers waiting on this thread drive step() themselves now
+                self._running = False
+                self._lock.notify_all()
 
 
 def _eos_done_rows(block: torch.Tensor, mask_id: int, eos: torch.Tensor) -> torch.Tensor:

@@ -198,3 +198,131 @@ def test_a_solo_request_runs_with_no_neighbour(model) -> None:
     lasts = [max(i for i, ids in enumerate(seen) if rid in ids) for rid in ("a", "s", "b")]
     assert lasts[0] < firsts[1] and lasts[1] < firsts[2], seen
     assert eng.max_rows_per_forward == 1
+
+
+def test_a_raising_callback_loses_no_other_output(model) -> None:
+    """A callback that raises (its consumer is gone) is its own request's problem: the round still delivers the
+    other requests' outputs, and the engine goes on."""
+    reqs = [EngineRequest(text_prompt(model.config, s, 6)[0], 16, 8, 4, 0.9, request_id=f"c{s}") for s in range(2)]
+
+    def gone(out: EngineOutput) -> None:
+        raise RuntimeError("consumer gone")
+
+    got: list[EngineOutput] = []
+    eng = Engine(model, max_batch=2)
+    eng.submit(reqs[0], on_output=gone)
+    eng.submit(reqs[1], on_output=got.append)
+    while eng.has_work():
+        eng.step()
+    assert got and got[-1].finished
+    solo = _solo(model, reqs[1])
+    assert (got[-1].token_ids, got[-1].nfe) == (solo.completion_ids[0], solo.nfe)
+
+
+def test_a_stream_left_early_frees_its_slot_and_the_thread_goes_on(model) -> None:
+    """A consumer that stops iterating and whose event loop then closes: its request is aborted (the one slot is
+    free again) and the engine's thread serves the next request."""
+    eng = Engine(model, max_batch=1)
+    eng.start()
+    try:
+        long = EngineRequest(text_prompt(model.config, 1, 6)[0], 64, 8, 8 * 8, 1.0, request_id="long")
+
+        async def first() -> EngineOutput:
+            async for out in eng.stream(long):
+                return out
+            raise AssertionError("no output")
+
+        assert not asyncio.run(first()).finished
+        after = EngineRequest(text_prompt(model.config, 2, 6)[0], 8, 8, 2, 0.9, request_id="after")
+        eng.submit(after)
+        out = eng.result("after", timeout=600)
+    finally:
+        eng.stop()
+    assert out.token_ids == _solo(model, after).completion_ids[0]
+
+
+def test_start_after_a_timed_out_stop_never_runs_two_rounds_at_once(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop() whose wait ends while a block still runs, then start(): the old thread ends before a new one
+    steps, so no two rounds ever run at once, and the requests still equal their runs alone."""
+    import threading
+
+    entered, gate, second = threading.Event(), threading.Event(), threading.Event()
+    inside: list[int] = [0]
+    most: list[int] = [0]
+    lock = threading.Lock()
+    real_step, real_denoise = Engine.step, Engine._denoise
+    first_thread: list[threading.Thread] = []
+
+    def step(self):
+        with lock:
+            if first_thread and threading.current_thread() is not first_thread[0]:
+                second.set()
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            return real_step(self)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    def denoise(self, *args, **kwargs):
+        if not first_thread:
+            first_thread.append(threading.current_thread())
+            entered.set()
+            gate.wait()
+            second.wait(5)  # a second round would start now, while this one runs (never with the fix)
+        return real_denoise(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(Engine, "_denoise", denoise)
+    reqs = [EngineRequest(text_prompt(model.config, s, 6)[0], 16, 8, 4, 0.9, request_id=f"t{s}") for s in range(2)]
+    eng = Engine(model, max_batch=2)
+    eng.submit(reqs[0])
+    eng.start()
+    assert entered.wait(600)
+    eng.stop(timeout=0)
+    eng.submit(reqs[1])
+    starter = threading.Thread(target=eng.start)
+    starter.start()
+    gate.set()
+    starter.join()
+    try:
+        outs = [eng.result(r.request_id, timeout=600) for r in reqs]
+    finally:
+        eng.stop()
+    assert most[0] == 1
+    for r, o in zip(reqs, outs):
+        solo = _solo(model, r)
+        assert (o.token_ids, o.nfe) == (solo.completion_ids[0], solo.nfe)
+
+
+def test_a_row_failing_after_the_commit_forward_fails_alone(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row whose next seed cannot be drawn (it raises after the block's shared commit forward) fails alone; its
+    batch-mates re-run the block from its start and still equal their runs alone."""
+    import nemotron_fast.engine as engine_mod
+
+    reqs = [EngineRequest(text_prompt(model.config, s, 4 + 3 * s)[0], 20, 8, 3 * 2, 0.9, request_id=f"m{s}")
+            for s in range(3)]
+    poison = EngineRequest(text_prompt(model.config, 7, 6)[0], 20, 8, None, 0.9, temperature=0.8, seed=3,
+                           request_id="poison")
+    eng = Engine(model, max_batch=4)
+    for r in [reqs[0], poison, *reqs[1:]]:
+        eng.submit(r)
+    poison_noise = next(r.noise for r in eng._waiting if r.rid == "poison")
+    calls: list[int] = [0]
+    real = engine_mod._seed_tokens
+
+    def seed_tokens(logits, temperature, noise, exclude_id):
+        if noise is poison_noise:
+            calls[0] += 1
+            if calls[0] > 1:  # the first call is the prefill's
+                raise RuntimeError("poisoned seed")
+        return real(logits, temperature, noise, exclude_id)
+
+    monkeypatch.setattr(engine_mod, "_seed_tokens", seed_tokens)
+    outs = {r: eng.result(r) for r in ["poison"] + [r.request_id for r in reqs]}
+    assert outs["poison"].finish_reason == "error" and "poisoned seed" in str(outs["poison"].error)
+    assert eng.max_rows_per_forward > 1
+    for r in reqs:
+        solo = _solo(model, r)
+        assert (outs[r.request_id].token_ids, outs[r.request_id].nfe) == (solo.completion_ids[0], solo.nfe)

@@ -174,6 +174,14 @@ class EngineWorker(ModelWorker):
         job = self._jobs.get(out.request_id)
         if job is None:
             return
+        try:
+            self._handle_output(job, out)
+        except Exception as exc:  # turning this output into a result failed: the request fails alone
+            logger.exception("request %s: handling its output failed", out.request_id)
+            if out.finished and self._jobs.get(out.request_id) is job:
+                self._done(job, outcome_for_exception(exc), time.perf_counter() - job.submitted)
+
+    def _handle_output(self, job: _Job, out: EngineOutput) -> None:
         rid, elapsed = out.request_id, time.perf_counter() - job.submitted
         if not out.finished:
             job.blocks += 1

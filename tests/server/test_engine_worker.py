@@ -111,3 +111,33 @@ def test_a_fatal_device_error_exits_and_the_queue_reruns_its_requests(model_dir:
     assert "illegal memory access" in log.read_text()
     messages = [e["message"] for e in done[poison_id]["logs"]]
     assert any("runs with no neighbour" in m for m in messages), messages
+
+
+def test_a_request_whose_output_step_raises_fails_alone(start_server: Any, real_pipeline: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turning one finished request into its result raises (the worker's output step, after the engine): that
+    request completes with a 500 alone; the requests running beside it equal their direct runs."""
+    inputs = [request(i, max_tokens=6 + 5 * (i % 3)) for i in range(4)]
+    poison = request(4, max_tokens=8, prompt="POISON: what is this?")
+    expected = [real_pipeline.run(args) for args in inputs]
+    real = type(real_pipeline).engine_output
+
+    def engine_output(self, prep, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "POISON" in prep.params.prompt:
+            raise RuntimeError("output step failed")
+        return real(self, prep, *args, **kwargs)
+
+    monkeypatch.setattr(type(real_pipeline), "engine_output", engine_output)
+    server = start_server(real_pipeline, max_batch=3)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        ids = [c.post(f"/queue/{APP}", json=args).json()["request_id"] for args in inputs[:2]]
+        poison_id = c.post(f"/queue/{APP}", json=poison).json()["request_id"]
+        ids += [c.post(f"/queue/{APP}", json=args).json()["request_id"] for args in inputs[2:]]
+        statuses = {rid: _wait_done(c, rid) for rid in [*ids, poison_id]}
+        assert statuses[poison_id]["error"], statuses[poison_id]
+        assert c.get(f"/queue/{APP}/requests/{poison_id}").status_code == 500
+        for rid, exp in zip(ids, expected):
+            assert statuses[rid]["error"] is None, statuses[rid]
+            got = c.get(f"/queue/{APP}/requests/{rid}").json()
+            assert (got["output"], got["usage"]) == (exp["output"], exp["usage"])
+    assert server.service.worker.alive and not server.service.worker._jobs
