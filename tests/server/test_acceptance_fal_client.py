@@ -100,7 +100,9 @@ def test_cancel_queued_and_running(real_server: Any, fal: Any) -> None:
         assert info.value.status_code == 400
     blocks = [e for e in running.status(with_logs=True).logs if "committed" in e["message"]]
     assert len(blocks) < 512  # stopped long before its 512 blocks
-    assert not any("committed" in e["message"] for e in queued.status(with_logs=True).logs)
+    # (with continuous batching, the default, the second request joins the running one at the next block boundary
+    # instead of waiting behind it, so it may have committed a block before its cancel; a request cancelled while
+    # still queued is covered by tests/server/test_queue_api.py)
     with pytest.raises(client.FalClientHTTPError) as info:
         queued.cancel()
     assert info.value.status_code == 400
