@@ -242,17 +242,22 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             row = await to_thread.run_sync(store.get, request_id)
             if row is None:
                 return
-            new_logs = await to_thread.run_sync(store.logs, request_id, last_log) if with_logs else []
+            new_logs = await to_thread.run_sync(store.logs, request_id, last_log)
             if new_logs:
                 last_log = new_logs[-1][0]
                 new_logs = [e for e in new_logs if e[2] != STEP_LEVEL]  # the playground's step events
-            if row.state == "done" and row.started_at is not None and (last_key or ("IN_QUEUE",))[0] == "IN_QUEUE":
-                # it ran and finished between two looks: report the IN_PROGRESS it passed through first, with the
-                # lines it logged while running (all but the last: the completion line goes with COMPLETED)
-                running, ran_logs, new_logs = dataclasses.replace(row, state="running"), new_logs[:-1], new_logs[-1:]
-                yield sse_event(json.dumps(await to_thread.run_sync(
-                    lambda running=running, ran_logs=ran_logs: svc.status_body(request, running, with_logs=with_logs,
-                                                                             logs=ran_logs))))
+            # statuses it passed through between two looks (a fast run, a requeue and a re-claim): the store logs
+            # every transition, so each one is reported, with the lines logged while it held
+            *passed, (_, new_logs) = _status_segments(new_logs, last_key[0] if last_key else None, row.wire_status)
+            for status, seg_logs in passed:
+                ghost = dataclasses.replace(row, state=_STATE_OF[status])
+                ghost_body = await to_thread.run_sync(
+                    lambda ghost=ghost, seg_logs=seg_logs: svc.status_body(request, ghost, with_logs=with_logs,
+                                                                         logs=seg_logs))
+                last_key = (status, ghost_body.get("queue_position"))
+                yield sse_event(json.dumps(ghost_body))
+            if not with_logs:
+                new_logs = []
             body = await to_thread.run_sync(
                 lambda row=row, new_logs=new_logs: svc.status_body(request, row, with_logs=with_logs, logs=new_logs))
             key = (body["status"], body.get("queue_position"))
@@ -266,6 +271,45 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
             last_beat = time.monotonic()
             yield b": keep-alive\n\n"
         await asyncio.sleep(0.1)
+
+
+_STATE_OF = {"IN_QUEUE": "queued", "IN_PROGRESS": "running", "COMPLETED": "done"}
+
+
+def _logged_status(entry: tuple[int, float, str, str], following: tuple[int, float, str, str] | None) -> str | None:
+    """The status a store log line marks the start of (``Started`` claims, ``... queued again`` requeues unless
+    re-claimed in the same transaction, ``Completed``/``Failed`` finishes), or None."""
+    message = entry[3]
+    if message.startswith("Started"):
+        return "IN_PROGRESS"
+    if message.endswith("the request is queued again"):
+        reclaimed = following is not None and following[1] == entry[1] and following[3].startswith("Started")
+        return None if reclaimed else "IN_QUEUE"
+    if message == "Completed" or message.startswith("Failed"):
+        return "COMPLETED"
+    return None
+
+
+def _status_segments(logs: list[tuple[int, float, str, str]], last: str | None, current: str
+                     ) -> list[tuple[str, list[tuple[int, float, str, str]]]]:
+    """Split new log lines at the transitions they mark -> [(status, its lines), ...]; the last segment is the
+    current status's. Segments that repeat ``last`` (the status already reported) only carry lines, and a
+    first look (``last`` None) reports just the current status."""
+    if last is None:
+        return [(current, list(logs))]
+    segments: list[tuple[str, list]] = [(last, [])]
+    for i, entry in enumerate(logs):
+        status = _logged_status(entry, logs[i + 1] if i + 1 < len(logs) else None)
+        if status is not None and status != segments[-1][0]:
+            segments.append((status, [entry]))
+        else:
+            segments[-1][1].append(entry)
+    if segments[-1][0] != current:  # a transition without its line (e.g. a shutdown requeue): the row decides
+        segments.append((current, []))
+    if len(segments) > 1 and not segments[0][1]:
+        segments.pop(0)
+    *passed, (_, tail) = segments
+    return [*passed, (current, tail)]
 
 
 async def _step_events(svc: Service, request_id: str) -> AsyncIterator[bytes]:
