@@ -16,6 +16,7 @@ from nemotron_fast.server.webhooks import check_outbound_url, is_public_address,
 from .fakes import FakePipeline
 from .receivers import WebhookReceiver
 from .test_queue_api import APP, BODY, wait_done
+from .test_store_backends import wait_for
 
 
 def test_js_style_upload_initiate_put_get(fake_server: Any) -> None:
@@ -145,7 +146,9 @@ def test_signed_webhook_with_retries(start_server: Any) -> None:
         assert doc["payload"]["detail"][0]["loc"] == ["body", "prompt"] and doc["payload"]["detail"][0]["type"] == \
             "missing" and verify_signature(jwks, headers, body)
         assert jwks["keys"][0]["kty"] == "OKP" and jwks["keys"][0]["crv"] == "Ed25519"
-        assert server.service.store.webhook_state(sub["request_id"])[0] == "delivered"
+        # the deliverer records the delivery after the receiver has answered: wait for that state
+        wait_for(lambda: server.service.store.webhook_state(sub["request_id"])[0] == "delivered",
+                 "the delivery to be recorded")
     finally:
         receiver.close()
 
