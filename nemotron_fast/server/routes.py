@@ -239,10 +239,14 @@ async def _status_events(svc: Service, request: Request, request_id: str, with_l
         version = store.version(request_id)
         if version != seen_version:
             seen_version = version
+            # the logs before the row: every transition a log line marks has then happened before the row was
+            # read (the row's state is never behind its logs); a finished row's last lines are read after it
+            new_logs = await to_thread.run_sync(store.logs, request_id, last_log)
             row = await to_thread.run_sync(store.get, request_id)
             if row is None:
                 return
-            new_logs = await to_thread.run_sync(store.logs, request_id, last_log)
+            if row.state == "done":
+                new_logs += await to_thread.run_sync(store.logs, request_id, new_logs[-1][0] if new_logs else last_log)
             if new_logs:
                 last_log = new_logs[-1][0]
                 new_logs = [e for e in new_logs if e[2] != STEP_LEVEL]  # the playground's step events
